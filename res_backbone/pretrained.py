@@ -1,0 +1,351 @@
+"""Pretrained weights, offline: catalogue, cache lookup, file formats, checked loading.
+
+Nothing here touches the network. ``pretrained=True`` looks where torchvision
+(``$TORCH_HOME/hub/checkpoints/<file>``) and timm (the Hugging Face cache,
+``$HF_HUB_CACHE/models--timm--<model>.<tag>/snapshots/*/model.safetensors``) would have stored the
+files; a missing file fails at once, naming every place searched and the file to put there.
+
+Every load uses ``torch.load(..., weights_only=True)`` or safetensors, so a checkpoint cannot run
+code. Accepted layouts: a plain state dict (torchvision, timm), ``{"model": sd}``,
+``{"state_dict": sd}`` (this project's checkpoints are ``{"model": sd, ...}``), ``module.`` (DDP)
+or any other common prefix in front of ``conv1.weight`` (e.g. ``backbone.`` of a detector).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One set of ImageNet weights that users may already have in a local cache.
+
+    ``source`` is ``"torchvision"`` (file ``filename`` in torch hub's ``checkpoints/``) or
+    ``"timm"`` (Hugging Face repo ``hf_repo``, file ``filename`` in a snapshot).
+    """
+
+    arch: str
+    tag: str
+    source: str
+    filename: str
+    hf_repo: Optional[str] = None
+    input_size: Tuple[int, int, int] = (3, 224, 224)
+    test_input_size: Optional[Tuple[int, int, int]] = None
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    num_classes: int = 1000
+    top1: Optional[float] = None  # the accuracy the source publishes, ImageNet-1k val
+
+    def pretrained_cfg(self) -> dict:
+        """The data-side config these weights expect (timm's ``pretrained_cfg`` keys)."""
+        cfg = {
+            "tag": self.tag,
+            "source": self.source,
+            "input_size": self.input_size,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": self.mean,
+            "std": self.std,
+            "num_classes": self.num_classes,
+        }
+        if self.test_input_size:
+            cfg["test_input_size"] = self.test_input_size
+        return cfg
+
+
+def _tv(arch: str, tag: str, filename: str, resize: int, top1: float) -> WeightsEntry:
+    return WeightsEntry(arch, tag, "torchvision", filename, crop_pct=224 / resize, top1=top1)
+
+
+def _timm_a1(arch: str) -> WeightsEntry:
+    # timm's "a1" recipe (ResNet strikes back): trained at 224, evaluated at 288, bicubic, crop 0.95.
+    return WeightsEntry(
+        arch, "a1_in1k", "timm", "model.safetensors", hf_repo=f"timm/{arch}.a1_in1k",
+        test_input_size=(3, 288, 288), crop_pct=0.95, interpolation="bicubic",
+    )
+
+
+# torchvision: file names and top-1 from torchvision.models.ResNet*_Weights (V1 resize 256, V2 232).
+CATALOGUE: Tuple[WeightsEntry, ...] = (
+    _tv("resnet18", "tv_in1k", "resnet18-f37072fd.pth", 256, 69.758),
+    _tv("resnet34", "tv_in1k", "resnet34-b627a593.pth", 256, 73.314),
+    _tv("resnet50", "tv_in1k", "resnet50-0676ba61.pth", 256, 76.130),
+    _tv("resnet50", "tv2_in1k", "resnet50-11ad3fa6.pth", 232, 80.858),
+    _tv("resnet101", "tv_in1k", "resnet101-63fe2227.pth", 256, 77.374),
+    _tv("resnet101", "tv2_in1k", "resnet101-cd907fc2.pth", 232, 81.886),
+    _tv("resnet152", "tv_in1k", "resnet152-394f9c45.pth", 256, 78.312),
+    _tv("resnet152", "tv2_in1k", "resnet152-f82ba261.pth", 232, 82.284),
+    _timm_a1("resnet18"),
+    _timm_a1("resnet34"),
+    _timm_a1("resnet50"),
+    _timm_a1("resnet101"),
+    _timm_a1("resnet152"),
+)
+
+DEFAULT_CFG = WeightsEntry("", "none", "none", "").pretrained_cfg() | {"tag": None, "source": None}
+
+
+def entries_for(arch: str) -> List[WeightsEntry]:
+    """Catalogue entries for ``arch``, in the order ``pretrained=True`` tries them."""
+    order = {"tv2_in1k": 0, "tv_in1k": 1, "a1_in1k": 2}
+    return sorted((e for e in CATALOGUE if e.arch == arch), key=lambda e: order.get(e.tag, 9))
+
+
+# ---------------------------------------------------------------------- cache locations
+def torch_hub_checkpoint_dir() -> Path:
+    """``$TORCH_HOME/hub/checkpoints`` (``~/.cache/torch/hub/checkpoints`` by default)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face hub cache that timm downloads into, following ``huggingface_hub``'s rules."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ["HUGGINGFACE_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def candidate_paths(entry: WeightsEntry) -> List[Path]:
+    """Where ``entry``'s file would be, most likely first (existing or not)."""
+    if entry.source == "torchvision":
+        return [torch_hub_checkpoint_dir() / entry.filename]
+    repo_dir = hf_hub_cache_dir() / ("models--" + entry.hf_repo.replace("/", "--"))
+    paths: List[Path] = []
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        paths.append(repo_dir / "snapshots" / ref.read_text().strip() / entry.filename)
+    snapshots = repo_dir / "snapshots"
+    if snapshots.is_dir():
+        paths += sorted(p / entry.filename for p in snapshots.iterdir() if p / entry.filename not in paths)
+    if not paths:
+        paths.append(snapshots / "<revision>" / entry.filename)
+    return paths
+
+
+def find_local(entry: WeightsEntry) -> Optional[Path]:
+    return next((p for p in candidate_paths(entry) if p.is_file()), None)
+
+
+class PretrainedNotFoundError(FileNotFoundError):
+    """No pretrained file where the caches would hold it (nothing is downloaded)."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's keys or shapes do not fit the model."""
+
+
+def resolve(arch: str, pretrained: Union[bool, str, os.PathLike]) -> Tuple[Path, dict]:
+    """Turn a ``pretrained`` argument into ``(file, pretrained_cfg)``, never touching the network.
+
+    Args:
+        arch: registered depth, e.g. ``"resnet50"`` (plain twins have no ImageNet weights).
+        pretrained: ``True`` (first catalogued file found locally), a catalogue tag
+            (``"tv_in1k"``, ``"tv2_in1k"``, ``"a1_in1k"``), or a path to a checkpoint file.
+
+    Raises:
+        PretrainedNotFoundError: naming every directory searched and the file name to place there.
+    """
+    if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool):
+        text = os.fspath(pretrained)
+        tags = {e.tag: e for e in entries_for(arch)}
+        if text in tags:
+            candidates = [tags[text]]
+        else:
+            path = Path(text).expanduser()
+            if not path.is_file():
+                known = f"; or a tag of {arch}: {', '.join(tags)}" if tags else ""
+                raise PretrainedNotFoundError(
+                    f"pretrained={text!r}: no such checkpoint file{known}"
+                )
+            return path, {}
+    else:
+        candidates = entries_for(arch)
+    if not candidates:
+        raise PretrainedNotFoundError(
+            f"no ImageNet weights are catalogued for {arch!r} (plain twins and CIFAR nets have none); "
+            "pass pretrained='/path/to/checkpoint.pth' with weights you trained"
+        )
+    searched = []
+    for entry in candidates:
+        path = find_local(entry)
+        if path is not None:
+            return path, entry.pretrained_cfg()
+        for p in candidate_paths(entry):
+            searched.append(f"  {p}  ({entry.source} {entry.tag})")
+    raise PretrainedNotFoundError(
+        f"no pretrained weights for {arch!r} found offline (nothing is downloaded). Searched:\n"
+        + "\n".join(searched)
+        + "\nPlace one of these files there (torchvision files keep their names, e.g. "
+        f"{candidates[0].filename}; TORCH_HOME and HF_HOME/HF_HUB_CACHE move the caches), "
+        "or pass pretrained='/path/to/file.pth|.safetensors'."
+    )
+
+
+# ---------------------------------------------------------------------- reading files
+def read_checkpoint(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Read a checkpoint file safely and return ``(state_dict, metadata)``.
+
+    ``.safetensors`` files are read with safetensors; everything else with
+    ``torch.load(weights_only=True)``, so a file carrying pickled code is refused. ``metadata`` holds
+    this project's extra fields (``pretrained_cfg``, ``arch``...) when present.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata() or {})
+        return sd, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, EOFError, RuntimeError (zip), ...
+        raise CheckpointMismatchError(
+            f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Files that need arbitrary pickled objects are refused; re-save the state dict with torch.save(model.state_dict())"
+        ) from e
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj, path: Union[str, os.PathLike] = "<checkpoint>") -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Find the state dict inside a checkpoint object (plain, ``model``, ``state_dict`` wrappers)."""
+    meta: dict = {}
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                meta = {k: v for k, v in obj.items() if k != key and not isinstance(v, torch.Tensor)}
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__
+        keys = list(obj)[:8] if isinstance(obj, Mapping) else []
+        raise CheckpointMismatchError(
+            f"{path}: no state dict found (got a {kind}" + (f" with keys {keys}" if keys else "")
+            + "); expected a dict of tensors, or one under 'model' or 'state_dict'"
+        )
+    return dict(obj), meta
+
+
+def _strip_prefix(sd: Dict[str, torch.Tensor], anchor: str) -> Dict[str, torch.Tensor]:
+    """Remove the common prefix in front of ``anchor`` (``module.``, ``backbone.body.``...)."""
+    if anchor in sd:
+        return sd
+    hits = [k[: -len(anchor)] for k in sd if k.endswith("." + anchor)]
+    if len(hits) != 1:
+        return sd
+    prefix = hits[0]
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a first-conv weight ``(O, I, kh, kw)`` to ``in_chans`` inputs.
+
+    3 -> 1 sums the colour filters (a grey image equal to R=G=B then gives the same response);
+    other counts repeat the filters cyclically and rescale by ``I / in_chans`` (timm's choice).
+    """
+    c_in = weight.shape[1]
+    if c_in == in_chans:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // c_in)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (c_in / in_chans)
+
+
+def load_into(
+    model: nn.Module,
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    source: str = "<checkpoint>",
+    allow_missing_prefixes: Tuple[str, ...] = ("fpn.",),
+) -> Dict[str, List[str]]:
+    """Load a ResNet state dict into ``model`` with the adaptations transfer learning needs.
+
+    * a classifier (``fc.*``) whose shape differs, or that the model does not have, is dropped;
+    * the first conv is adapted to the model's input channels (:func:`adapt_input_conv`);
+    * stages the model does not hold (a backbone cut at ``res4``) are skipped;
+    * parameters under ``allow_missing_prefixes`` (e.g. a new FPN) may be absent.
+
+    Anything else that does not fit raises :class:`CheckpointMismatchError` naming the missing and
+    unexpected keys and the shape mismatches. Returns ``{"dropped": [...], "adapted": [...]}``.
+    """
+    sd = _strip_prefix(state_dict, "conv1.weight")
+    own = model.state_dict()
+    dropped, adapted = [], []
+    held_layers = {k.split(".")[0] for k in own if k.startswith("layer")}
+    sd = dict(sd)
+    for k in list(sd):
+        top = k.split(".")[0]
+        if top == "fc" and (k not in own or own[k].shape != sd[k].shape):
+            dropped.append(k)
+            del sd[k]
+        elif top.startswith("layer") and top not in held_layers:
+            del sd[k]  # a stage this backbone does not build
+        elif k.endswith("num_batches_tracked") and k not in own:
+            del sd[k]  # FrozenBatchNorm2d / GroupNorm hold no counter
+    if "conv1.weight" in sd and "conv1.weight" in own and sd["conv1.weight"].shape[1] != own["conv1.weight"].shape[1]:
+        old = tuple(sd["conv1.weight"].shape)
+        sd["conv1.weight"] = adapt_input_conv(sd["conv1.weight"], own["conv1.weight"].shape[1])
+        adapted.append(f"conv1.weight {old} -> {tuple(sd['conv1.weight'].shape)}")
+    missing = [k for k in own if k not in sd and not k.startswith(allow_missing_prefixes)]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd if k in own and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        def show(items: List[str]) -> str:
+            return ", ".join(items[:10]) + (f" ... (+{len(items) - 10} more)" if len(items) > 10 else "")
+
+        lines = [f"{source} does not fit {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {show(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {show(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): {show(mismatched)}")
+        lines.append("  (is it the same depth, block type and norm? plain twins have no downsample.* keys)")
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(sd, strict=False)
+    if dropped:
+        log.info("%s: classifier %s not loaded (shape differs or model has none)", source, dropped)
+    return {"dropped": dropped, "adapted": adapted}
+
+
+def load_pretrained(model: nn.Module, arch: str, pretrained: Union[bool, str, os.PathLike]) -> dict:
+    """Resolve ``pretrained`` for ``arch``, load it into ``model`` and return its ``pretrained_cfg``.
+
+    The config (mean/std, input size, interpolation) comes from the catalogue for known files, from
+    the checkpoint's own ``pretrained_cfg`` for this project's checkpoints, else ImageNet defaults.
+    """
+    path, cfg = resolve(arch, pretrained)
+    sd, meta = read_checkpoint(path)
+    load_into(model, sd, source=str(path))
+    if not cfg:
+        saved = meta.get("pretrained_cfg")
+        if isinstance(saved, str):  # safetensors metadata holds strings
+            import json
+
+            saved = json.loads(saved)
+        cfg = dict(saved) if isinstance(saved, Mapping) else dict(DEFAULT_CFG)
+    cfg["file"] = str(path)
+    return cfg

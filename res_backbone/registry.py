@@ -1,0 +1,166 @@
+"""Model names -> architectures; ``create_model``, ``create_backbone``, ``list_models``.
+
+Each variant is a three-line function returning its architecture (block type, blocks per stage,
+shortcuts or not); the builders turn it into a classifier or a feature backbone.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from .blocks import BasicBlock, Bottleneck
+from .fpn import FPN
+from .pretrained import DEFAULT_CFG, load_pretrained
+from .resnet import STAGE_NAMES, ResNet, ResNetBackbone, warn_if_frozen_random
+
+_ARCHS: Dict[str, Callable[[], dict]] = {}
+Pretrained = Union[bool, str, os.PathLike, None]
+
+
+def register(fn: Callable[[], dict]) -> Callable[[], dict]:
+    """Register a variant under its function's name."""
+    _ARCHS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """Registered model names matching a shell-style ``pattern`` (``"plain*"``), in registration order."""
+    return [n for n in _ARCHS if fnmatch.fnmatch(n, pattern)]
+
+
+def get_arch(name: str) -> dict:
+    """The architecture dict of ``name`` (``block``, ``layers``, ``residual``, ``weights``...)."""
+    if name not in _ARCHS:
+        close = [n for n in _ARCHS if n.rstrip("0123456789") == name.rstrip("0123456789")]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; known: {', '.join(_ARCHS)}")
+    arch = dict(_ARCHS[name]())
+    arch.setdefault("residual", True)
+    arch.setdefault("weights", name)  # which catalogue entries apply
+    return arch
+
+
+# ---------------------------------------------------------------------- variants (paper, Table 1)
+@register
+def resnet18():
+    return dict(block=BasicBlock, layers=(2, 2, 2, 2))
+
+
+@register
+def resnet34():
+    return dict(block=BasicBlock, layers=(3, 4, 6, 3))
+
+
+@register
+def resnet50():
+    return dict(block=Bottleneck, layers=(3, 4, 6, 3))
+
+
+@register
+def resnet101():
+    return dict(block=Bottleneck, layers=(3, 4, 23, 3))
+
+
+@register
+def resnet152():
+    return dict(block=Bottleneck, layers=(3, 8, 36, 3))
+
+
+# The plain twins: the same stacks without shortcuts (paper, section 4.1; no ImageNet weights).
+@register
+def plain18():
+    return dict(resnet18(), residual=False, weights=None)
+
+
+@register
+def plain34():
+    return dict(resnet34(), residual=False, weights=None)
+
+
+@register
+def plain50():
+    return dict(resnet50(), residual=False, weights=None)
+
+
+@register
+def plain101():
+    return dict(resnet101(), residual=False, weights=None)
+
+
+@register
+def plain152():
+    return dict(resnet152(), residual=False, weights=None)
+
+
+# ---------------------------------------------------------------------- builders
+def _load(model, name: str, arch: dict, pretrained: Pretrained) -> None:
+    model.pretrained_cfg = dict(DEFAULT_CFG)
+    if pretrained:
+        model.pretrained_cfg = load_pretrained(model, arch["weights"] or name, pretrained)
+
+
+def create_model(name: str, *, num_classes: int = 1000, pretrained: Pretrained = False, **kwargs) -> ResNet:
+    """Build the classifier ``name`` (parameter names equal torchvision's).
+
+    Args:
+        name: one of :func:`list_models`.
+        num_classes: classifier outputs (a pretrained classifier of another size is dropped).
+        pretrained: ``False``, ``True`` (local torchvision/timm caches), a catalogue tag, or a file.
+        **kwargs: :class:`~res_backbone.resnet.ResNet` options (``in_chans``, ``shortcut``,
+            ``stride_in_1x1``, ``output_stride``, ``norm``, ``norm_eval``, ``frozen_stages``...).
+
+    Returns:
+        A :class:`ResNet` with ``pretrained_cfg`` (mean/std/input size of its weights).
+    """
+    arch = get_arch(name)
+    frozen = kwargs.pop("frozen_stages", 0)
+    model = ResNet(arch["block"], arch["layers"], num_classes=num_classes, residual=arch["residual"], **kwargs)
+    _load(model, name, arch, pretrained)
+    warn_if_frozen_random(kwargs.get("norm", "bn"), kwargs.get("norm_eval", False), frozen, pretrained)
+    model.model_name = name
+    return model.freeze(frozen)
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: Pretrained = False,
+    out_features: Sequence[str] = STAGE_NAMES,
+    frozen_stages: int = 0,
+    norm: str = "bn",
+    output_stride: int = 32,
+    fpn: bool = False,
+    fpn_channels: int = 256,
+    fpn_p6: Optional[str] = "maxpool",
+    **kwargs,
+) -> ResNetBackbone:
+    """Build a multi-stage feature extractor.
+
+    Args:
+        name: one of :func:`list_models`.
+        pretrained: as for :func:`create_model`; the classifier is not loaded.
+        out_features: levels to return, from ``stem``, ``res2``..``res5`` (the FPN's inputs when
+            ``fpn=True``).
+        frozen_stages: 0 = none, 1 = stem, 2 = stem + res2, ..., 5 = everything.
+        norm: ``"bn"``, ``"frozen_bn"``, ``"sync_bn"`` or ``"gn"``.
+        output_stride: 32, 16 or 8 (dilated res5/res4, bottleneck models only).
+        fpn: put an :class:`~res_backbone.fpn.FPN` on top; ``forward`` then returns ``p2``..``p6``.
+        fpn_channels: FPN width. fpn_p6: ``"maxpool"``, ``"conv"`` or ``None``.
+        **kwargs: other :class:`~res_backbone.resnet.ResNet` options (``norm_eval``, ``in_chans``...).
+
+    Returns:
+        A :class:`ResNetBackbone`: ``forward(x) -> OrderedDict[str, Tensor]``, ``feature_info``,
+        ``output_shape()``, ``out_channels`` when all levels share a width, ``pretrained_cfg``.
+    """
+    arch = get_arch(name)
+    model = ResNetBackbone(
+        arch["block"], arch["layers"], out_features=out_features, residual=arch["residual"],
+        norm=norm, output_stride=output_stride, **kwargs,
+    )
+    if fpn:
+        model.attach_fpn(FPN(model.output_shape(), out_channels=fpn_channels, p6=fpn_p6))
+    _load(model, name, arch, pretrained)
+    warn_if_frozen_random(norm, kwargs.get("norm_eval", False), frozen_stages, pretrained)
+    model.model_name = name
+    return model.freeze(frozen_stages)
