@@ -246,13 +246,16 @@ def unwrap_state_dict(obj, path: Union[str, os.PathLike] = "<checkpoint>") -> Tu
 
 
 def _strip_prefix(sd: Dict[str, torch.Tensor], anchor: str) -> Dict[str, torch.Tensor]:
-    """Remove the common prefix in front of ``anchor`` (``module.``, ``backbone.body.``...)."""
+    """Remove the common prefix in front of ``anchor`` (``module.``, ``backbone.body.``...).
+
+    Blocks also hold ``conv1.weight`` (``layer1.0.conv1.weight``), so the shortest prefix wins.
+    """
     if anchor in sd:
         return sd
-    hits = [k[: -len(anchor)] for k in sd if k.endswith("." + anchor)]
-    if len(hits) != 1:
+    prefixes = [k[: -len(anchor)] for k in sd if k.endswith("." + anchor)]
+    if not prefixes:
         return sd
-    prefix = hits[0]
+    prefix = min(prefixes, key=len)
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
@@ -306,6 +309,8 @@ def load_into(
         old = tuple(sd["conv1.weight"].shape)
         sd["conv1.weight"] = adapt_input_conv(sd["conv1.weight"], own["conv1.weight"].shape[1])
         adapted.append(f"conv1.weight {old} -> {tuple(sd['conv1.weight'].shape)}")
+    if dropped:  # a new classifier keeps its fresh initialisation
+        allow_missing_prefixes = tuple(allow_missing_prefixes) + ("fc.",)
     missing = [k for k in own if k not in sd and not k.startswith(allow_missing_prefixes)]
     unexpected = [k for k in sd if k not in own]
     mismatched = [

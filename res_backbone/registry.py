@@ -114,12 +114,11 @@ def create_model(name: str, *, num_classes: int = 1000, pretrained: Pretrained =
         A :class:`ResNet` with ``pretrained_cfg`` (mean/std/input size of its weights).
     """
     arch = get_arch(name)
-    frozen = kwargs.pop("frozen_stages", 0)
     model = ResNet(arch["block"], arch["layers"], num_classes=num_classes, residual=arch["residual"], **kwargs)
     _load(model, name, arch, pretrained)
-    warn_if_frozen_random(kwargs.get("norm", "bn"), kwargs.get("norm_eval", False), frozen, pretrained)
+    warn_if_frozen_random(model.norm, model.norm_eval, model.frozen_stages, pretrained)
     model.model_name = name
-    return model.freeze(frozen)
+    return model
 
 
 def create_backbone(
@@ -156,11 +155,11 @@ def create_backbone(
     arch = get_arch(name)
     model = ResNetBackbone(
         arch["block"], arch["layers"], out_features=out_features, residual=arch["residual"],
-        norm=norm, output_stride=output_stride, **kwargs,
+        norm=norm, output_stride=output_stride, frozen_stages=frozen_stages, **kwargs,
     )
     if fpn:
         model.attach_fpn(FPN(model.output_shape(), out_channels=fpn_channels, p6=fpn_p6))
     _load(model, name, arch, pretrained)
-    warn_if_frozen_random(norm, kwargs.get("norm_eval", False), frozen_stages, pretrained)
+    warn_if_frozen_random(norm, model.norm_eval, frozen_stages, pretrained)
     model.model_name = name
-    return model.freeze(frozen_stages)
+    return model

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Type, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import BasicBlock, Bottleneck, block_stride
 from .features import ShapeSpec, feature_entry, select_features, shapes_from_info
@@ -114,6 +115,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
 
         self.num_features = self.head_hidden_size = in_ch
+        self.grad_checkpointing = False
         self.global_pool = ""
         self.avgpool: nn.Module = nn.Identity()
         self.fc: nn.Module = nn.Identity()
@@ -212,7 +214,7 @@ class ResNet(nn.Module):
             out["stem"] = x
         x = self.maxpool(x)
         for name, stage in zip(STAGE_NAMES, self.stages()):
-            x = stage(x)
+            x = self._run_stage(stage, x)
             if name in out_features:
                 out[name] = x
         return out
@@ -220,10 +222,35 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map ``(N, num_features, H/32, W/32)`` (timm's contract)."""
         x = self.maxpool(self.stem(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._checkpointed(self.stages(), x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
         return self.layer4(x)
+
+    @torch.jit.unused
+    def _checkpointed(self, stages: List[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            x = self._run_stage(stage, x)
+        return x
+
+    @torch.jit.unused
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training:
+            for block in stage:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return stage(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them
+        (training memory roughly drops to one block's activations per stage, for ~30% more time)."""
+        self.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning-rate decay (timm's convention)."""
+        return {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool (unless ``global_pool=""``), dropout, classify; ``pre_logits`` stops before ``fc``."""
