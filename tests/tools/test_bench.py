@@ -1,0 +1,93 @@
+"""tools/bench.py end to end in a subprocess: summary and a tiny backbone run, JSON checked (no timings asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "tools" / "bench.py"
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_help_lists_every_flag():
+    out = _run("backbone", "--help")
+    for flag in ("--models", "--batch-sizes", "--repeats", "--warmup", "--device", "--amp", "--threads",
+                 "--output", "--image-size", "--ablation"):
+        assert flag in out
+
+
+def test_summary_json(tmp_path):
+    out_file = tmp_path / "summary.json"
+    stdout = _run("summary", "--models", "resnet18,resnet50,plain50", "--image-size", "64", "--output", str(out_file))
+    assert "resnet50" in stdout
+    data = json.loads(out_file.read_text())
+    assert data["image_size"] == 64
+    rows = {r["model"]: r for r in data["models"]}
+    assert list(rows) == ["resnet18", "resnet50", "plain50"]
+    assert rows["resnet50"]["params"] == 25_557_032  # torchvision's resnet50
+    # basic blocks have no 1x1 to move the stride to; bottlenecks save multiply-adds with it there
+    assert rows["resnet18"]["macs_v1_5"] == rows["resnet18"]["macs_stride_in_1x1"]
+    assert rows["resnet50"]["macs_stride_in_1x1"] < rows["resnet50"]["macs_v1_5"]
+    assert rows["plain50"]["params"] < rows["resnet50"]["params"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--threads", "1"]], ids=["default", "one_thread"])
+def test_backbone_tiny_run(tmp_path, extra):
+    out_file = tmp_path / "bench.json"
+    stdout = _run(
+        "backbone", "--models", "resnet18", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+        "--image-size", "32", "--train-batch-size", "2", "--no-progress", "--output", str(out_file), *extra,
+    )
+    assert "ours" in stdout
+    data = json.loads(out_file.read_text())
+    assert {"command", "environment", "config", "runs"} <= set(data)
+    assert data["environment"]["torch"]
+    (run,) = data["runs"]
+    assert run["model"] == "resnet18"
+    got = {(r["mode"], r["batch_size"], r["contender"]) for r in run["results"]}
+    assert got == {
+        ("infer", 1, "torchvision"), ("infer", 1, "timm"), ("infer", 1, "ours_eager"), ("infer", 1, "ours"),
+        ("train", 2, "torchvision"), ("train", 2, "timm"), ("train", 2, "ours_eager"), ("train", 2, "ours"),
+    }
+    for r in run["results"]:
+        assert len(r["times_s"]) == 1 and r["img_per_s"] > 0 and r["median_ms"] > 0
+    assert {(q["mode"], q["contender"]) for q in run["ratios"]} == {("infer", "ours_eager"), ("infer", "ours"), ("train", "ours_eager"), ("train", "ours")}
+    for q in run["ratios"]:
+        assert q["vs_torchvision"] > 0 and q["vs_timm"] > 0
+    # same weights in all three libraries: outputs agree
+    assert all(d < 1e-4 for d in run["max_rel_diff"].values())
+
+
+def test_time_interleaved_rotates_order():
+    sys.path.insert(0, str(ROOT))
+    from res_backbone.benchmark import time_interleaved
+
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = time_interleaved(fns, repeats=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_report_renders_markdown(tmp_path):
+    out_file = tmp_path / "bench.json"
+    _run("backbone", "--models", "resnet18", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+         "--image-size", "32", "--no-train", "--no-progress", "--output", str(out_file))
+    md = _run("report", str(out_file))
+    assert "### resnet18" in md and "| infer | 1 | **ours** |" in md
+
+
+def test_report_bad_file_is_named(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    proc = subprocess.run([sys.executable, str(BENCH), "report", str(bad)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "x.json" in proc.stderr and "'runs'" in proc.stderr

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Model summary and speed comparison against torchvision and timm.
+
+    python tools/bench.py summary --output summary.json
+    python tools/bench.py backbone --models resnet50 --repeats 7 --output docs/bench_cpu.json
+    python tools/bench.py report docs/bench_cpu.json > tables.md
+
+``summary`` prints parameters and multiply-adds of every registered model for both bottleneck
+stride placements; ``report`` turns a ``backbone`` JSON into markdown tables. ``backbone`` times inference and one training step of torchvision's, timm's and
+our same-depth ResNet in one process (see :mod:`res_backbone.benchmark` for the protocol).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from res_backbone import benchmark, create_model, list_models  # noqa: E402
+from res_backbone.complexity import count_macs, count_params  # noqa: E402
+
+
+def _csv(kind):
+    return lambda s: [kind(v) for v in s.split(",") if v]
+
+
+def _write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _environment(threads: int) -> dict:
+    import timm
+    import torchvision
+
+    return {
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": threads,
+    }
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    size = (3, args.image_size, args.image_size)
+    rows = []
+    for name in args.models or list_models():
+        row = {"model": name, "params": count_params(create_model(name))}
+        row["macs_v1_5"] = count_macs(create_model(name), size)
+        row["macs_stride_in_1x1"] = count_macs(create_model(name, stride_in_1x1=True), size)
+        rows.append(row)
+    print(f"{'model':<10} {'params (M)':>10} {'GMACs v1.5':>11} {'GMACs paper':>12}   at {args.image_size}x{args.image_size}")
+    for r in rows:
+        print(f"{r['model']:<10} {r['params'] / 1e6:>10.2f} {r['macs_v1_5'] / 1e9:>11.3f} {r['macs_stride_in_1x1'] / 1e9:>12.3f}")
+    if args.output:
+        _write_json(args.output, {"image_size": args.image_size, "models": rows})
+
+
+def _print_model(run: dict) -> None:
+    print(f"\n{run['model']}  (img/s, median)")
+    print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'img/s':>8} {'ms/call':>9} {'vs tv':>7} {'vs timm':>8}")
+    rat = {(r["mode"], r["batch_size"], r["contender"]): r for r in run["ratios"]}
+    for r in run["results"]:
+        q = rat.get((r["mode"], r["batch_size"], r["contender"]))
+        vs = f"{q['vs_torchvision']:>7.2f} {q['vs_timm']:>8.2f}" if q else f"{'':>7} {'':>8}"
+        print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<12} {r['img_per_s']:>8.2f} {r['median_ms']:>9.1f} {vs}")
+
+
+def cmd_backbone(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    train_bs = 0 if args.no_train else args.train_batch_size
+    total = len(args.models) * benchmark.count_calls(
+        args.batch_sizes, bool(train_bs), args.repeats, args.warmup, args.ablation)
+    from tqdm import tqdm
+
+    runs = []
+    with tqdm(total=total, desc="bench", unit="call", disable=args.no_progress) as bar:
+        for name in args.models:
+            bar.set_postfix_str(name)
+            runs.append(benchmark.bench_model(
+                name, batch_sizes=args.batch_sizes, train_batch_size=train_bs, image_size=args.image_size,
+                repeats=args.repeats, warmup=args.warmup, device=args.device, amp=args.amp,
+                ablation=args.ablation,
+                progress=lambda _: bar.update(),
+            ))
+    for run in runs:
+        _print_model(run)
+    if args.output:
+        config = {k: v for k, v in vars(args).items() if k not in ("func", "output", "no_progress")}
+        payload = {
+            "command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
+            "environment": _environment(torch.get_num_threads()),
+            "config": config,
+            "runs": runs,
+        }
+        _write_json(args.output, payload)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    try:
+        payload = json.loads(Path(args.json).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{args.json}: cannot read a bench JSON ({e})")
+    if "runs" not in payload:
+        raise SystemExit(f"{args.json}: no 'runs' key; expected the output of 'bench.py backbone --output'")
+    print(benchmark.markdown_report(payload), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("summary", help="parameters and multiply-adds of every registered model")
+    s.add_argument("--models", type=_csv(str), default=None,
+                   help="comma-separated model names (default: every registered model)")
+    s.add_argument("--image-size", type=int, default=224, help="square input side for multiply-adds (default 224)")
+    s.add_argument("--output", metavar="FILE.json", help="also write the numbers to this JSON file")
+    s.set_defaults(func=cmd_summary)
+
+    b = sub.add_parser(
+        "backbone", help="img/s of torchvision's, timm's and our ResNet, interleaved in one run",
+        description="Times eval inference at each --batch-sizes and one SGD training step; contenders run "
+                    "interleaved and the median over --repeats is reported. 'ours' is "
+                    "prepare_for_inference(model) (BN folded, channels-last) on channels-last input, 'ours_eager' our model run "
+                    "like the baselines (eval, inference_mode, NCHW).",
+    )
+    b.add_argument("--models", type=_csv(str), default=["resnet50"],
+                   help="comma-separated ResNets provided by all three libraries (default resnet50)")
+    b.add_argument("--batch-sizes", type=_csv(int), default=[1, 8], help="inference batch sizes (default 1,8)")
+    b.add_argument("--train-batch-size", type=int, default=8, help="batch of the timed training step (default 8)")
+    b.add_argument("--no-train", action="store_true", help="skip the training step")
+    b.add_argument("--image-size", type=int, default=224, help="square input side (default 224)")
+    b.add_argument("--repeats", type=int, default=5, help="timed calls per contender and setting; the median is reported (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed calls per contender and setting first (default 1)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    b.add_argument("--amp", choices=tuple(benchmark.AMP_DTYPES), default="none",
+                   help="autocast dtype for every contender, inference and training (default none = fp32)")
+    b.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
+    b.add_argument("--ablation", action="store_true",
+                   help="also time ours_fold (BN folded, NCHW input) and ours_fused (ours + ReLU/residual "
+                        "add fused into the convs, prepare_for_inference(fuse=True)): what each step buys")
+    b.add_argument("--output", metavar="FILE.json", help="write results, ratios and environment to this JSON file")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.set_defaults(func=cmd_backbone)
+
+    r = sub.add_parser("report", help="print the markdown tables of a 'backbone --output' JSON file")
+    r.add_argument("json", metavar="FILE.json", help="a JSON file written by 'bench.py backbone --output'")
+    r.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
