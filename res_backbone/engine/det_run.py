@@ -1,0 +1,471 @@
+"""A detection training run, end to end, for a detector built by the caller.
+
+The tool parses flags/YAML into a :class:`DetTrainConfig`, builds the model (``heads``), and calls
+:func:`prepare_data` then :func:`fit`. Everything a run writes goes to ``cfg.output``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+from ..data import (
+    CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
+    make_synthetic_coco,
+)
+from ..evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
+from ..visualize import draw_detections
+from . import checkpoint as ckpt_mod
+from .detection import NonFiniteLossError, gather_pairs, predict, train_one_epoch
+from .distributed import DistInfo, barrier
+from .logger import RunLogger
+from .optim import build_optimizer, lr_factor, set_lr
+
+log = logging.getLogger(__name__)
+LIBRARY_VERSION = "0.1.0"
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on request
+
+
+@dataclass
+class DetTrainConfig:
+    """Every option of a detection run (the tool's flags, one to one)."""
+
+    output: str = "runs/det"
+    backbone: str = "resnet50"
+    arch: str = "fpn"
+    pretrained: Optional[str] = None
+    num_classes: Optional[int] = None
+    train_json: Optional[str] = None
+    train_images: Optional[str] = None
+    val_json: Optional[str] = None
+    val_images: Optional[str] = None
+    data_dir: str = ".cache/synthetic"
+    synthetic_train: int = 600
+    synthetic_val: int = 100
+    synthetic_size: int = 160
+    filter_empty: bool = False
+    image_size: int = 512
+    epochs: int = 12
+    max_iters: Optional[int] = None
+    batch_size: int = 4
+    lr: float = 0.02
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    milestones: Sequence[float] = (0.67, 0.89)
+    warmup_iters: int = 100
+    grad_clip: Optional[float] = None
+    backbone_lr_mult: float = 1.0
+    freeze_backbone_iters: int = 0
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "cpu"
+    resume: Optional[str] = None
+    checkpoint_every: int = 200
+    eval_every: int = 1
+    log_every: int = 20
+    num_pictures: int = 8
+    score_thresh_pictures: float = 0.3
+    progress: bool = True
+    model_kwargs: Dict = field(default_factory=dict)
+
+
+@dataclass
+class DetData:
+    train_set: CocoDetection
+    val_set: Optional[CocoDetection]
+    train_loader: DataLoader
+    val_loader: Optional[DataLoader]
+    train_sampler: object
+    val_json: Optional[str]
+    cat_ids: List[int]
+    class_names: List[str]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_data_paths(cfg: DetTrainConfig, is_main: bool = True) -> DetTrainConfig:
+    """Fill the four data paths with the embedded synthetic set when none are given."""
+    given = [cfg.train_json, cfg.train_images, cfg.val_json, cfg.val_images]
+    if all(given) or (cfg.train_json and cfg.train_images and not cfg.val_json and not cfg.val_images):
+        return cfg
+    if any(given):
+        raise ValueError(
+            "give --train-json and --train-images (and optionally --val-json with --val-images), "
+            "or none of them for the embedded synthetic dataset"
+        )
+    root = Path(cfg.data_dir) / f"shapes_{cfg.synthetic_train}_{cfg.synthetic_val}_{cfg.synthetic_size}_s{cfg.seed}"
+    if is_main and not (root / "done").is_file():
+        log.info("generating the embedded synthetic dataset into %s", root)
+        make_synthetic_coco(root, num_train=cfg.synthetic_train, num_val=cfg.synthetic_val,
+                            image_size=cfg.synthetic_size, seed=cfg.seed)
+        (root / "done").write_text("ok\n")
+    barrier()
+    paths = make_synthetic_coco.paths(root) if hasattr(make_synthetic_coco, "paths") else None
+    paths = paths or {
+        "train_json": str(root / "train.json"), "train_images": str(root / "train"),
+        "val_json": str(root / "val.json"), "val_images": str(root / "val"),
+    }
+    cfg.train_json, cfg.train_images = paths["train_json"], paths["train_images"]
+    cfg.val_json, cfg.val_images = paths["val_json"], paths["val_images"]
+    return cfg
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """Wraps a dataset so item ``(epoch, index)`` is produced with its augmentation RNG seeded from
+    ``(seed, epoch, index)``: the same sample gets the same augmentation whichever worker loads it,
+    whether the run was resumed or not (what makes a resumed run's losses equal an uninterrupted one's).
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        s = (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**31
+        random.seed(s)
+        np.random.seed(s)
+        transforms = getattr(self.dataset, "transforms", None)
+        if hasattr(transforms, "set_random_seed"):
+            transforms.set_random_seed(s)
+        return self.dataset[index]
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``(epoch, index)`` keys for :class:`EpochSeeded`, reproducible per epoch, with
+    ``skip(k)`` to drop the first ``k`` batches of the next pass (resuming mid-epoch)."""
+
+    def __init__(self, batch_sampler, base_sampler):
+        self.batch_sampler, self.base_sampler = batch_sampler, base_sampler
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.base_sampler.set_epoch(epoch)
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def skip(self, k: int) -> None:
+        self._skip = k
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for i, batch in enumerate(self.batch_sampler):
+            if i >= skip:
+                yield [(self.epoch, idx) for idx in batch]
+
+
+def load_datasets(cfg: DetTrainConfig, dist: DistInfo) -> Tuple[CocoDetection, Optional[CocoDetection]]:
+    """The train and val datasets of ``cfg`` (synthetic when no paths are given), without
+    transforms yet: normalisation comes from the model's weights, built after the class count is known."""
+    cfg = resolve_data_paths(cfg, dist.is_main)
+    train_set = CocoDetection(cfg.train_json, cfg.train_images, None, filter_empty=cfg.filter_empty)
+    val_set = None
+    if cfg.val_json:
+        val_set = CocoDetection(cfg.val_json, cfg.val_images, None)
+        if list(val_set.cat_ids) != list(train_set.cat_ids):
+            raise ValueError(
+                f"{cfg.val_json} and {cfg.train_json} define different categories "
+                f"({list(val_set.cat_ids)} vs {list(train_set.cat_ids)}); labels would not line up"
+            )
+    return train_set, val_set
+
+
+def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, val_set: Optional[CocoDetection],
+                 mean, std) -> DetData:
+    """Transforms (normalised with the weights' ``mean``/``std``), samplers and loaders."""
+    train_set.transforms = build_train_transforms(cfg.image_size, mean, std)
+    if val_set is not None:
+        val_set.transforms = build_eval_transforms(cfg.image_size, mean, std)
+    # One sampler type for 1 and N processes: a per-epoch permutation seeded by (seed, epoch).
+    base = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
+    batches = ResumableBatchSampler(GroupedBatchSampler(base, train_set.aspect_ratios(), cfg.batch_size), base)
+    common = dict(num_workers=cfg.workers, collate_fn=collate_detection, persistent_workers=cfg.workers > 0,
+                  pin_memory=cfg.device.startswith("cuda"))
+    # A private generator: creating a loader iterator must not consume the global torch RNG, which
+    # the model's samplers use and the checkpoint restores.
+    train_loader = DataLoader(EpochSeeded(train_set, cfg.seed), batch_sampler=batches,
+                              generator=torch.Generator().manual_seed(cfg.seed), **common)
+    val_loader = None
+    if val_set is not None:
+        val_sampler = (DistributedSampler(val_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=False)
+                       if dist.enabled else SequentialSampler(val_set))
+        val_loader = DataLoader(val_set, sampler=val_sampler, batch_size=cfg.batch_size,
+                                generator=torch.Generator().manual_seed(cfg.seed), **common)
+    return DetData(train_set, val_set, train_loader, val_loader, batches, cfg.val_json,
+                   list(train_set.cat_ids), list(train_set.class_names))
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the run should exit with EXIT_PREEMPTED."""
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGINT into a flag checked between iterations (the step in flight finishes)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def checkpoint_payload(model, optimizer, scaler, it, epoch, cfg: DetTrainConfig, data: DetData, best_ap, metrics):
+    m = unwrap(model)
+    backbone = getattr(m, "backbone", None)
+    return {
+        "model": m.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "iteration": it,
+        "epoch": epoch,
+        "arch": cfg.backbone,
+        "task": "detection",
+        "config": _plain_config(cfg),
+        "cat_ids": data.cat_ids,
+        "class_names": data.class_names,
+        "pretrained_cfg": dict(getattr(backbone, "pretrained_cfg", {}) or {}),
+        "library_version": LIBRARY_VERSION,
+        "rng": ckpt_mod.rng_state(),
+        "best_ap": best_ap,
+        "metrics": metrics or {},
+    }
+
+
+def _plain_config(cfg: DetTrainConfig) -> dict:
+    out = asdict(cfg)
+    out["milestones"] = list(out["milestones"])
+    return out
+
+
+def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optional[Path], *, is_main: bool,
+             write: bool = True, progress: bool = True) -> Optional[dict]:
+    """Predict on the val split (all ranks), gather, COCO-evaluate on the main rank and write
+    ``metrics.json``, ``detections.json`` and ``predictions/*.png`` into ``out_dir``."""
+    if data.val_loader is None:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(data.val_loader), desc="eval", unit="batch", disable=not (progress and is_main), leave=False)
+    pairs = predict(unwrap(model), data.val_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last,
+                    progress=bar)
+    bar.close()
+    pairs = gather_pairs(pairs)
+    if not is_main:
+        return None
+    outputs, targets = [p[0] for p in pairs], [p[1] for p in pairs]
+    results = to_coco_results(outputs, targets, data.cat_ids)
+    metrics = coco_evaluate(data.val_json, results, class_names=data.class_names)
+    if write and out_dir is not None:
+        write_detections_json(results, out_dir / "detections.json")
+        ckpt_mod.atomic_write_text(json.dumps({k: v for k, v in metrics.items() if k != "summary"}, indent=2) + "\n",
+                                   out_dir / "metrics.json")
+        write_pictures(data, results, out_dir / "predictions", cfg.num_pictures, cfg.score_thresh_pictures)
+    return metrics
+
+
+def write_pictures(data: DetData, results: List[dict], folder: Path, count: int, score_thresh: float) -> List[Path]:
+    """Draw predictions (coloured by class) and ground truth on the first ``count`` val images."""
+    if count <= 0 or data.val_set is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    by_image: Dict[int, List[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    written = []
+    label_of = {c: i + 1 for i, c in enumerate(data.cat_ids)}
+    for image_id in data.val_set.image_ids[:count]:
+        dets = [r for r in by_image.get(image_id, []) if r["score"] >= score_thresh]
+        gt = data.val_set.original_annotations(image_id)
+        path = folder / f"{image_id}.png"
+        draw_detections(
+            data.val_set.image_path(image_id),
+            pred_boxes=[_xyxy(r["bbox"]) for r in dets], pred_labels=[label_of[r["category_id"]] for r in dets],
+            pred_scores=[r["score"] for r in dets],
+            gt_boxes=[_xyxy(a["bbox"]) for a in gt], gt_labels=[label_of[a["category_id"]] for a in gt],
+            class_names=data.class_names, out_path=path, score_thresh=score_thresh,
+        )
+        written.append(path)
+    return written
+
+
+def _xyxy(b):
+    x, y, w, h = b
+    return [x, y, x + w, y + h]
+
+
+def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) -> dict:
+    """Train ``model`` per ``cfg`` (resuming if asked), evaluate, write every output; return the final
+    metrics (empty on non-main ranks). Raises :class:`Preempted` after checkpointing on SIGTERM/SIGINT."""
+    from tqdm import tqdm
+
+    out = Path(cfg.output)
+    device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    iters_per_epoch = len(data.train_loader)
+    if iters_per_epoch == 0:
+        raise ValueError(f"{cfg.train_json}: no training images (after filtering) for batch size {cfg.batch_size}")
+    max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
+    it, best_ap, metrics = 0, -1.0, None
+
+    resume = None
+    if cfg.resume == "auto":
+        resume = ckpt_mod.find_resume_checkpoint(out)
+        if resume is None:
+            log.info("--resume auto: no checkpoint in %s, starting fresh", out)
+    elif cfg.resume:
+        resume = Path(cfg.resume)
+    if resume is not None:
+        state = ckpt_mod.load_checkpoint(resume)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ckpt_mod.CorruptCheckpointError(f"{resume}: does not fit this model ({e})") from e
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        it, best_ap = int(state["iteration"]), float(state.get("best_ap", -1.0))
+        ckpt_mod.set_rng_state(state.get("rng"))
+        log.info("resumed from %s at iteration %d", resume, it)
+
+    backbone = getattr(model, "backbone", None)
+    frozen_until = cfg.freeze_backbone_iters if backbone is not None else 0
+    trainable_backbone = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
+    if it < frozen_until:
+        for p in trainable_backbone:
+            p.requires_grad_(False)
+
+    def wrap():
+        if not dist.enabled:
+            return model
+        ids = [dist.local_rank] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    runner = wrap()
+    if cfg.compile:
+        runner = torch.compile(runner)
+    logger = RunLogger(out, enabled=dist.is_main)
+    logger.log({"event": "start", "max_iters": max_iters, "iters_per_epoch": iters_per_epoch,
+                "resumed_from": str(resume) if resume else None, "world_size": dist.world_size}, step=it)
+
+    def save(name="checkpoint_last.pt"):
+        if dist.is_main:
+            payload = checkpoint_payload(model, optimizer, scaler, it_box[0], it_box[0] // iters_per_epoch,
+                                         cfg, data, best_ap, metrics)
+            if name == "checkpoint_last.pt":
+                ckpt_mod.rotate_and_save(payload, out, name)
+            else:
+                ckpt_mod.atomic_save(payload, out / name)
+        barrier()
+
+    it_box = [it]
+    bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
+               dynamic_ncols=True)
+    with _SignalFlag() as sig:
+
+        def on_end(done: int) -> None:
+            nonlocal runner
+            it_box[0] = done
+            if done == frozen_until and frozen_until > 0:
+                for p in trainable_backbone:
+                    p.requires_grad_(True)
+                runner = wrap() if not cfg.compile else torch.compile(wrap())
+                logger.log({"event": "backbone_unfrozen"}, step=done)
+            if done % cfg.checkpoint_every == 0:
+                save()
+            if sig.signum is not None:
+                save()
+                logger.log({"event": "preempted", "signal": sig.signum}, step=done)
+                raise Preempted(f"signal {sig.signum} at iteration {done}; checkpoint written to {out}")
+
+        try:
+            while it < max_iters:
+                epoch = it // iters_per_epoch
+                data.train_sampler.set_epoch(epoch)
+                data.train_sampler.skip(it - epoch * iters_per_epoch)
+                it = train_one_epoch(
+                    runner, data.train_loader, optimizer, device=device, start_iter=it, max_iters=max_iters,
+                    lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
+                        i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
+                        milestones=cfg.milestones)),
+                    amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
+                    logger=logger, log_every=cfg.log_every, on_iteration_end=on_end, progress=bar,
+                )
+                it_box[0] = it
+                end_of_epoch = it % iters_per_epoch == 0
+                if end_of_epoch and it % cfg.checkpoint_every:
+                    save()
+                last = it >= max_iters
+                if data.val_loader is not None and (last or (end_of_epoch and (it // iters_per_epoch) % cfg.eval_every == 0)):
+                    metrics = evaluate(runner, data, cfg, device, out, is_main=dist.is_main, progress=cfg.progress)
+                    if dist.is_main and metrics is not None:
+                        logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=it, prefix="val/")
+                        if metrics["AP"] > best_ap:
+                            best_ap = metrics["AP"]
+                            save("checkpoint_best.pt")
+                        else:
+                            barrier()
+                    else:
+                        barrier()
+            save()
+        except NonFiniteLossError:
+            logger.log({"event": "stopped_non_finite"}, step=it_box[0])
+            raise
+        finally:
+            bar.close()
+            logger.close()
+    return metrics or {}
