@@ -4,6 +4,7 @@
     python tools/bench.py summary --output summary.json
     python tools/bench.py backbone --models resnet50 --repeats 7 --output docs/bench_cpu.json
     python tools/bench.py report docs/bench_cpu.json > tables.md
+    python tools/bench.py detector --models resnet18,resnet50 --image-size 512 --output det_bench.json
 
 ``summary`` prints parameters and multiply-adds of every registered model for both bottleneck
 stride placements; ``report`` turns a ``backbone`` JSON into markdown tables. ``backbone`` times inference and one training step of torchvision's, timm's and
@@ -105,6 +106,40 @@ def cmd_backbone(args: argparse.Namespace) -> None:
         _write_json(args.output, payload)
 
 
+def cmd_detector(args: argparse.Namespace) -> None:
+    from heads.detection.benchmark import bench_detector
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    runs = []
+    for name in args.models:
+        print(f"{name}-FPN at {args.image_size}x{args.image_size} ...", flush=True)
+        runs.append(bench_detector(
+            name, image_size=args.image_size, batch_size=args.batch_size,
+            train_batch_size=0 if args.no_train else args.train_batch_size, num_classes=args.num_classes,
+            repeats=args.repeats, warmup=args.warmup, device=args.device, amp=args.amp,
+        ))
+    for run in runs:
+        print(f"\n{run['model']}  (ms per call, median; speed-up = torchvision time / ours)")
+        speed = {(q["mode"], q["contender"]): q["speedup_vs_torchvision"] for q in run["ratios"]}
+        print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'ms/call':>9} {'speed-up':>9}")
+        for r in run["results"]:
+            q = speed.get((r["mode"], r["contender"]))
+            print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<12} {r['median_ms']:>9.1f} "
+                  + (f"{q:>9.2f}" if q else f"{'':>9}"))
+        for k, e in run["equivalence"].items():
+            print(f"equivalence torchvision vs {k}: same labels {e['same_labels']}, detections {e['num_detections']}, "
+                  f"max |box diff| {e['max_box_diff_px']} px, max |score diff| {e['max_score_diff']}")
+    if args.output:
+        config = {k: v for k, v in vars(args).items() if k not in ("func", "output")}
+        _write_json(args.output, {
+            "command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
+            "environment": _environment(torch.get_num_threads()), "config": config, "runs": runs,
+        })
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     try:
         payload = json.loads(Path(args.json).read_text())
@@ -151,6 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", metavar="FILE.json", help="write results, ratios and environment to this JSON file")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     b.set_defaults(func=cmd_backbone)
+
+    d = sub.add_parser(
+        "detector", help="Faster R-CNN-FPN: ours vs torchvision's, same depth and weights, interleaved",
+        description="Times inference and one SGD training step of torchvision's FasterRCNN (resnet_fpn_backbone, "
+                    "frozen BN, min_size=max_size=--image-size, its transform included) and ours with the same "
+                    "weights (converted); 'ours' is heads.detection.prepare_for_inference (BN folded, channels-last), "
+                    "'ours_eager' our model as is. Also reports how far the detections differ.",
+    )
+    d.add_argument("--models", type=_csv(str), default=["resnet18", "resnet50"],
+                   help="comma-separated ResNet depths (default resnet18,resnet50)")
+    d.add_argument("--image-size", type=int, default=512, help="square input side (default 512)")
+    d.add_argument("--batch-size", type=int, default=1, help="inference batch (default 1)")
+    d.add_argument("--train-batch-size", type=int, default=2, help="batch of the timed training step (default 2)")
+    d.add_argument("--no-train", action="store_true", help="skip the training step")
+    d.add_argument("--num-classes", type=int, default=80, help="foreground classes (default 80)")
+    d.add_argument("--repeats", type=int, default=5, help="timed calls per contender; the median is reported (default 5)")
+    d.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (default 1)")
+    d.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    d.add_argument("--amp", choices=tuple(benchmark.AMP_DTYPES), default="none",
+                   help="autocast dtype for every contender (default none = fp32)")
+    d.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
+    d.add_argument("--output", metavar="FILE.json", help="write results, ratios, equivalence and environment here")
+    d.set_defaults(func=cmd_detector)
 
     r = sub.add_parser("report", help="print the markdown tables of a 'backbone --output' JSON file")
     r.add_argument("json", metavar="FILE.json", help="a JSON file written by 'bench.py backbone --output'")

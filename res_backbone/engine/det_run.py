@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from ..data import (
     CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
-    make_synthetic_coco,
+    make_synthetic_coco, synthetic_paths,
 )
 from ..evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
 from ..visualize import draw_detections
@@ -84,6 +84,7 @@ class DetTrainConfig:
     score_thresh_pictures: float = 0.3
     progress: bool = True
     model_kwargs: Dict = field(default_factory=dict)
+    detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
 
 
 @dataclass
@@ -117,18 +118,12 @@ def resolve_data_paths(cfg: DetTrainConfig, is_main: bool = True) -> DetTrainCon
             "give --train-json and --train-images (and optionally --val-json with --val-images), "
             "or none of them for the embedded synthetic dataset"
         )
-    root = Path(cfg.data_dir) / f"shapes_{cfg.synthetic_train}_{cfg.synthetic_val}_{cfg.synthetic_size}_s{cfg.seed}"
-    if is_main and not (root / "done").is_file():
-        log.info("generating the embedded synthetic dataset into %s", root)
+    root = Path(cfg.data_dir) / f"shapes_s{cfg.seed}"
+    if is_main:  # generated once, reused while its arguments match (synthetic_meta.json)
         make_synthetic_coco(root, num_train=cfg.synthetic_train, num_val=cfg.synthetic_val,
                             image_size=cfg.synthetic_size, seed=cfg.seed)
-        (root / "done").write_text("ok\n")
     barrier()
-    paths = make_synthetic_coco.paths(root) if hasattr(make_synthetic_coco, "paths") else None
-    paths = paths or {
-        "train_json": str(root / "train.json"), "train_images": str(root / "train"),
-        "val_json": str(root / "val.json"), "val_images": str(root / "val"),
-    }
+    paths = synthetic_paths(root)
     cfg.train_json, cfg.train_images = paths["train_json"], paths["train_images"]
     cfg.val_json, cfg.val_images = paths["val_json"], paths["val_images"]
     return cfg
@@ -271,6 +266,7 @@ def checkpoint_payload(model, optimizer, scaler, it, epoch, cfg: DetTrainConfig,
         "arch": cfg.backbone,
         "task": "detection",
         "config": _plain_config(cfg),
+        "detector_kwargs": dict(cfg.detector_kwargs),
         "cat_ids": data.cat_ids,
         "class_names": data.class_names,
         "pretrained_cfg": dict(getattr(backbone, "pretrained_cfg", {}) or {}),
@@ -326,6 +322,7 @@ def write_pictures(data: DetData, results: List[dict], folder: Path, count: int,
     for image_id in data.val_set.image_ids[:count]:
         dets = [r for r in by_image.get(image_id, []) if r["score"] >= score_thresh]
         gt = data.val_set.original_annotations(image_id)
+        info = data.val_set.coco.imgs[image_id]
         path = folder / f"{image_id}.png"
         draw_detections(
             data.val_set.image_path(image_id),
@@ -333,6 +330,7 @@ def write_pictures(data: DetData, results: List[dict], folder: Path, count: int,
             pred_scores=[r["score"] for r in dets],
             gt_boxes=[_xyxy(a["bbox"]) for a in gt], gt_labels=[label_of[a["category_id"]] for a in gt],
             class_names=data.class_names, out_path=path, score_thresh=score_thresh,
+            upscale=max(1, round(480 / max(info["width"], info["height"]))),  # small images stay readable
         )
         written.append(path)
     return written

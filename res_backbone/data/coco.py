@@ -1,0 +1,409 @@
+"""COCO-format detection dataset with pycocotools semantics.
+
+The json is read through pycocotools' ``COCO`` index (after a structural check that names the file
+and the offending key), so what the training targets see is what ``COCOeval`` will see:
+
+* boxes are COCO ``[x, y, w, h]`` in pixel-edge coordinates (no ``+1``) -> ``xyxy = x, y, x+w, y+h``;
+* ``iscrowd=1`` annotations are excluded from the training targets; the evaluator still reads them
+  from the ground-truth json (they become "ignore" regions there);
+* category ids, sorted ascending, map to contiguous labels ``1..K`` (0 is background);
+* images are ordered by image id (as torchvision's ``CocoDetection``).
+
+Image decoding follows the stored pixel layout: no EXIF rotation is applied, since COCO's
+``width``/``height`` and boxes refer to the raw stored pixels.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from .transforms import bboxes_to_tensor, labels_to_tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CocoDetection", "CocoFormatError", "ImageDecodeError", "load_rgb_image", "safe_join"]
+
+PathLike = Union[str, os.PathLike]
+
+
+class CocoFormatError(ValueError):
+    """The annotation json is not valid COCO detection format (message names file and key)."""
+
+
+class ImageDecodeError(OSError):
+    """An image file exists but cannot be decoded (message names the path and image id)."""
+
+
+def safe_join(root: PathLike, file_name: str) -> Path:
+    """Join a json ``file_name`` to ``root``, refusing anything that would leave ``root``.
+
+    The check is lexical (``normpath``), so a root that is itself a symlink still works; only
+    absolute names and ``..`` components that climb above ``root`` are refused.
+
+    Raises:
+        ValueError: for an empty, absolute or escaping ``file_name``.
+    """
+    if not isinstance(file_name, str) or not file_name:
+        raise ValueError(f"image file_name must be a non-empty string, got {file_name!r}")
+    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or (len(file_name) > 1 and file_name[1] == ":"):
+        raise ValueError(f"image file_name {file_name!r} is an absolute path; file names must be relative to "
+                         f"the image root {str(root)!r}")
+    root_n = os.path.normpath(os.path.abspath(root))
+    joined = os.path.normpath(os.path.join(root_n, file_name.replace("\\", "/")))
+    if os.path.commonpath([root_n, joined]) != root_n:
+        raise ValueError(f"image file_name {file_name!r} escapes the image root {str(root)!r}")
+    return Path(joined)
+
+
+def _pil_to_rgb_uint8(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB. 16-bit data is scaled by 1/257 (65535 -> 255); alpha is
+    dropped (the stored colour is kept, as torchvision's ``read_image(..., RGB)`` does)."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        if mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        if arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def load_rgb_image(path: PathLike) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB (grayscale, palette, RGBA, 16-bit all accepted).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageDecodeError: the file cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _pil_to_rgb_uint8(im)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken files
+        raise ImageDecodeError(f"cannot decode image {path}: {e}") from e
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _validate(data: Any, src: str, image_root: PathLike) -> None:
+    """Structural checks pycocotools does not do (it would KeyError or silently mis-index)."""
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{src}: top level must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise CocoFormatError(f"{src}: missing required key '{key}'")
+        if not isinstance(data[key], list):
+            raise CocoFormatError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
+    img_ids, cat_ids, ann_ids = set(), set(), set()
+    for i, img in enumerate(data["images"]):
+        where = f"{src}: images[{i}]"
+        if not isinstance(img, dict):
+            raise CocoFormatError(f"{where} must be an object")
+        for key, ok in (("id", _is_int), ("file_name", lambda v: isinstance(v, str) and v),
+                        ("width", lambda v: _is_int(v) and v > 0), ("height", lambda v: _is_int(v) and v > 0)):
+            if key not in img:
+                raise CocoFormatError(f"{where}: missing key '{key}'")
+            if not ok(img[key]):
+                raise CocoFormatError(f"{where}: invalid '{key}' = {img[key]!r}")
+        if img["id"] in img_ids:
+            raise CocoFormatError(f"{where}: duplicate image id {img['id']}")
+        img_ids.add(img["id"])
+        try:
+            safe_join(image_root, img["file_name"])
+        except ValueError as e:
+            raise CocoFormatError(f"{where} (image id {img['id']}): {e}") from None
+    for i, cat in enumerate(data["categories"]):
+        where = f"{src}: categories[{i}]"
+        if not isinstance(cat, dict):
+            raise CocoFormatError(f"{where} must be an object")
+        if "id" not in cat or not _is_int(cat["id"]):
+            raise CocoFormatError(f"{where}: missing or non-integer 'id'")
+        if cat["id"] in cat_ids:
+            raise CocoFormatError(f"{where}: duplicate category id {cat['id']}")
+        cat_ids.add(cat["id"])
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{src}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise CocoFormatError(f"{where} must be an object")
+        for key in ("id", "image_id", "category_id", "bbox"):
+            if key not in ann:
+                raise CocoFormatError(f"{where}: missing key '{key}'")
+        if ann["id"] in ann_ids:
+            raise CocoFormatError(f"{where}: duplicate annotation id {ann['id']}")
+        ann_ids.add(ann["id"])
+        if ann["image_id"] not in img_ids:
+            raise CocoFormatError(f"{where} (id {ann['id']}): unknown image_id {ann['image_id']!r}")
+        if ann["category_id"] not in cat_ids:
+            raise CocoFormatError(f"{where} (id {ann['id']}): unknown category_id {ann['category_id']!r}")
+        bbox = ann["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+            raise CocoFormatError(f"{where} (id {ann['id']}): 'bbox' must be [x, y, w, h] numbers, got {bbox!r}")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            raise CocoFormatError(f"{where} (id {ann['id']}): 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO-format detection dataset; items as in ``docs/detection_interfaces.md``.
+
+    Args:
+        ann_file: COCO instances json (``images``, ``annotations``, ``categories``).
+        image_root: folder the images' ``file_name`` are relative to.
+        transforms: an albumentations-style callable ``(image=, bboxes=, labels=) -> dict`` (see
+            ``transforms.py``) that resizes, augments, normalises and returns a CHW tensor. ``None``:
+            the image is returned at original size as floats in [0, 1] (not normalised), scale 1.
+        filter_empty: drop images without any usable box (no annotation, or crowd/degenerate only).
+            Default keeps them as negatives (``boxes`` of shape (0, 4)).
+        class_names: optional K names overriding the json's category names (label order).
+
+    Attributes:
+        coco: the pycocotools ``COCO`` index of the json (what the evaluator uses).
+        ids: the image ids, in item order.
+        cat_ids: category ids sorted ascending; ``cat_ids[label - 1] == category_id``.
+        class_names: K names, ``class_names[label - 1]``.
+        cat_id_to_label, label_to_cat_id: the two maps.
+        stats: counts of images, kept/clipped/dropped boxes (logged once at construction).
+
+    Item:
+        ``image`` FloatTensor (3, h, w); ``target`` dict with ``boxes`` FloatTensor (N, 4) xyxy in
+        resized pixels, ``labels`` LongTensor (N,) in 1..K, ``image_id`` int, ``orig_size`` (H, W),
+        ``size`` (h, w), ``scale`` float = h / H.
+    """
+
+    def __init__(
+        self,
+        ann_file: PathLike,
+        image_root: PathLike,
+        transforms: Optional[Callable[..., Dict[str, Any]]] = None,
+        *,
+        filter_empty: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        self.ann_file = str(ann_file)
+        self.image_root = Path(image_root)
+        self.transforms = transforms
+        try:
+            with open(self.ann_file, "r", encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"annotation file not found: {self.ann_file}") from None
+        except json.JSONDecodeError as e:
+            raise CocoFormatError(f"{self.ann_file}: not valid JSON ({e})") from None
+        _validate(data, self.ann_file, self.image_root)
+
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+            self.coco.createIndex()
+
+        self.cat_ids: List[int] = sorted(self.coco.cats)
+        self.cat_id_to_label: Dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat_id: Dict[int, int] = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        if class_names is not None:
+            if len(class_names) != len(self.cat_ids):
+                raise ValueError(f"class_names has {len(class_names)} names but {self.ann_file} has "
+                                 f"{len(self.cat_ids)} categories")
+            self.class_names = [str(n) for n in class_names]
+        else:
+            self.class_names = [str(self.coco.cats[c].get("name", c)) for c in self.cat_ids]
+
+        self.stats: Dict[str, int] = dict.fromkeys(
+            ("images", "annotations", "crowd", "boxes", "clipped", "dropped_nonfinite", "dropped_nonpositive",
+             "dropped_outside", "empty_images", "filtered_empty_images"), 0)
+        self._targets: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        ids = []
+        for img_id in sorted(self.coco.imgs):
+            boxes, labels = self._build_target(img_id)
+            self._targets[img_id] = (boxes, labels)
+            if len(boxes) == 0:
+                self.stats["empty_images"] += 1
+                if filter_empty:
+                    self.stats["filtered_empty_images"] += 1
+                    continue
+            ids.append(img_id)
+        self.ids: List[int] = ids
+        self.stats["images"] = len(ids)
+        self.stats["annotations"] = len(data["annotations"])
+        dropped = sum(v for k, v in self.stats.items() if k.startswith("dropped"))
+        level = logging.WARNING if dropped or self.stats["clipped"] else logging.INFO
+        log.log(level, "%s: %d images (%d without boxes%s), %d boxes kept, %d crowd excluded, %d clipped, "
+                "%d dropped (non-finite %d, w/h<=0 %d, outside image %d), %d categories",
+                self.ann_file, len(ids), self.stats["empty_images"],
+                ", filtered" if filter_empty else ", kept as negatives", self.stats["boxes"], self.stats["crowd"],
+                self.stats["clipped"], dropped, self.stats["dropped_nonfinite"], self.stats["dropped_nonpositive"],
+                self.stats["dropped_outside"], len(self.cat_ids))
+
+    # ------------------------------------------------------------------ json side
+    def _build_target(self, img_id: int) -> Tuple[np.ndarray, np.ndarray]:
+        info = self.coco.imgs[img_id]
+        W, H = info["width"], info["height"]
+        boxes, labels = [], []
+        for ann in self.coco.imgToAnns.get(img_id, []):
+            if ann.get("iscrowd", 0):
+                self.stats["crowd"] += 1
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                self.stats["dropped_nonfinite"] += 1
+                continue
+            if w <= 0 or h <= 0:
+                self.stats["dropped_nonpositive"] += 1
+                continue
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(W)), min(y + h, float(H))
+            if x1 <= x0 or y1 <= y0:
+                self.stats["dropped_outside"] += 1
+                continue
+            if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+                self.stats["clipped"] += 1
+            boxes.append((x0, y0, x1, y1))
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+        self.stats["boxes"] += len(boxes)
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of object classes (labels 1..K; 0 is background)."""
+        return len(self.cat_ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def image_ids(self) -> List[int]:
+        """The COCO image ids in item order (same as ``ids``)."""
+        return list(self.ids)
+
+    def image_path(self, image_id: int) -> Path:
+        """Absolute path of the image file of COCO image ``image_id`` (an id, not an item index)."""
+        if image_id not in self.coco.imgs:
+            raise KeyError(f"image id {image_id} is not in {self.ann_file}")
+        return safe_join(self.image_root, self.coco.imgs[image_id]["file_name"])
+
+    def original_annotations(self, image_id: int) -> List[Dict[str, Any]]:
+        """The json's annotations of COCO image ``image_id`` as stored (crowd and degenerate included)."""
+        if image_id not in self.coco.imgs:
+            raise KeyError(f"image id {image_id} is not in {self.ann_file}")
+        return [dict(a) for a in self.coco.imgToAnns.get(image_id, [])]
+
+    def aspect_ratios(self) -> List[float]:
+        """Width / height of every item, from the json (no decoding), in item order."""
+        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
+
+    def get_annotation(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Cleaned training boxes (N, 4) xyxy original pixels and labels (N,) of item ``index``."""
+        boxes, labels = self._targets[self.ids[index]]
+        return boxes.copy(), labels.copy()
+
+    # ------------------------------------------------------------------ pixel side
+    def load_image(self, index: int) -> np.ndarray:
+        """Decoded (H, W, 3) uint8 RGB image of item ``index``, checked against the json's size.
+
+        Raises:
+            FileNotFoundError / ImageDecodeError / ValueError, naming the path and image id.
+        """
+        img_id = self.ids[index]
+        info = self.coco.imgs[img_id]
+        path = safe_join(self.image_root, info["file_name"])
+        try:
+            image = load_rgb_image(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {path} (image id {img_id}, from {self.ann_file})") from None
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{e} (image id {img_id}, from {self.ann_file})") from e.__cause__
+        if image.shape[:2] != (info["height"], info["width"]):
+            # Boxes are in the json's pixel frame; a different decoded size would silently misplace them.
+            raise ValueError(f"image {path} (image id {img_id}) decodes to {image.shape[1]}x{image.shape[0]} "
+                             f"(w x h) but {self.ann_file} says {info['width']}x{info['height']}")
+        return image
+
+    def check_images(self, *, decode: bool = False, raise_on_error: bool = True) -> List[Tuple[int, str, str]]:
+        """Scan every image file up front.
+
+        Args:
+            decode: fully decode each image (slow) instead of reading only its header.
+            raise_on_error: raise ``RuntimeError`` listing the problems (first 20) if any.
+
+        Returns:
+            ``[(image_id, path, problem), ...]`` (empty when all files are fine).
+        """
+        problems: List[Tuple[int, str, str]] = []
+        for index, img_id in enumerate(self.ids):
+            info = self.coco.imgs[img_id]
+            path = safe_join(self.image_root, info["file_name"])
+            try:
+                if decode:
+                    self.load_image(index)
+                    continue
+                if not path.is_file():
+                    problems.append((img_id, str(path), "missing"))
+                    continue
+                with Image.open(path) as im:
+                    size = im.size
+                if size != (info["width"], info["height"]):
+                    problems.append((img_id, str(path), f"size {size[0]}x{size[1]} != json "
+                                                        f"{info['width']}x{info['height']}"))
+            except FileNotFoundError:
+                problems.append((img_id, str(path), "missing"))
+            except (OSError, SyntaxError, ValueError) as e:
+                problems.append((img_id, str(path), f"undecodable or wrong size: {e}"))
+        if problems and raise_on_error:
+            lines = "\n".join(f"  image id {i}: {p}: {why}" for i, p, why in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise RuntimeError(f"{len(problems)} bad image file(s) for {self.ann_file} under {self.image_root}:\n"
+                               f"{lines}{more}")
+        return problems
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        img_id = self.ids[index]
+        image = self.load_image(index)
+        boxes, labels = self._targets[img_id]
+        H, W = image.shape[:2]
+        if self.transforms is None:
+            tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+            boxes_t, labels_t = torch.from_numpy(boxes.copy()), torch.from_numpy(labels.copy())
+        else:
+            out = self.transforms(image=image, bboxes=boxes, labels=labels.tolist())
+            tensor = out["image"]
+            if isinstance(tensor, np.ndarray):  # a pipeline without ToTensorV2
+                tensor = torch.from_numpy(np.ascontiguousarray(tensor.transpose(2, 0, 1)))
+            tensor = tensor.float()
+            boxes_t, labels_t = bboxes_to_tensor(out["bboxes"]), labels_to_tensor(out["labels"])
+        h, w = int(tensor.shape[-2]), int(tensor.shape[-1])
+        target = {
+            "boxes": boxes_t,
+            "labels": labels_t,
+            "image_id": int(img_id),
+            "orig_size": (int(H), int(W)),
+            "size": (h, w),
+            "scale": h / H,
+        }
+        return tensor, target

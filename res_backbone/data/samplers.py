@@ -1,0 +1,128 @@
+"""Aspect-ratio grouped batching (less padding per batch), DDP-safe and deterministic."""
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, Sampler
+
+__all__ = ["GroupedBatchSampler", "group_by_aspect_ratio", "build_grouped_batch_sampler"]
+
+
+def group_by_aspect_ratio(aspect_ratios: Sequence[float], bins: Union[int, Sequence[float], None] = None) -> List[int]:
+    """Group id per image from its width / height.
+
+    Args:
+        aspect_ratios: ``w / h`` per image (``CocoDetection.aspect_ratios()``).
+        bins: ``None``: two groups, portrait (< 1) and landscape/square (>= 1). An int ``k``: ``k``
+            groups of about equal size (edges at the data's quantiles). A sequence: explicit
+            ascending edges (``len(edges) + 1`` groups).
+
+    Returns:
+        ``group_ids[i]`` in ``0..num_groups-1``.
+    """
+    ratios = np.asarray(aspect_ratios, dtype=np.float64)
+    if bins is None:
+        edges: List[float] = [1.0]
+    elif isinstance(bins, int):
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        edges = sorted(set(np.quantile(ratios, np.linspace(0, 1, bins + 1)[1:-1]).tolist())) if len(ratios) else []
+    else:
+        edges = [float(e) for e in bins]
+        if edges != sorted(edges):
+            raise ValueError(f"bin edges must be ascending, got {edges}")
+    return [bisect.bisect_right(edges, r) for r in ratios.tolist()]
+
+
+class GroupedBatchSampler(Sampler[List[int]]):
+    """Batches whose images share an aspect-ratio group, in the order of an underlying sampler.
+
+    Indices are drawn from ``sampler`` (e.g. a ``DistributedSampler``, which shards and shuffles
+    deterministically from its seed and epoch) and buffered per group; a batch is emitted as soon
+    as its group buffer is full. At the end of the pass the partial buffers, largest group first,
+    are concatenated and cut into batches, so the number of batches is always
+    ``ceil(len(sampler) / batch_size)`` (``floor`` with ``drop_last``) and identical on every DDP
+    rank -- a rank with an extra batch would hang in the gradient all-reduce. Only those few tail
+    batches may mix groups; no index is repeated or (without ``drop_last``) lost.
+
+    Args:
+        sampler: yields dataset indices; its ``set_epoch`` is forwarded by ``set_epoch``.
+        aspect_ratios: ``w / h`` of every dataset index (``CocoDetection.aspect_ratios()``).
+        batch_size: images per batch.
+        bins: grouping of the ratios, see ``group_by_aspect_ratio`` (default: < 1 and >= 1).
+        drop_last: drop the final incomplete batch.
+        group_ids: precomputed group of every index; replaces ``aspect_ratios``/``bins`` (pass
+            ``aspect_ratios=None``).
+    """
+
+    def __init__(self, sampler: Sampler[int], aspect_ratios: Optional[Sequence[float]], batch_size: int, *,
+                 bins: Union[int, Sequence[float], None] = None, drop_last: bool = False,
+                 group_ids: Optional[Sequence[int]] = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if (aspect_ratios is None) == (group_ids is None):
+            raise ValueError("give exactly one of aspect_ratios and group_ids")
+        self.sampler = sampler
+        self.group_ids = ([int(g) for g in group_ids] if group_ids is not None
+                          else group_by_aspect_ratio(aspect_ratios, bins))  # type: ignore[arg-type]
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the underlying sampler (reshuffles a ``DistributedSampler``)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        buffers: Dict[int, List[int]] = defaultdict(list)
+        first_seen: Dict[int, int] = {}
+        for idx in self.sampler:
+            g = self.group_ids[idx]
+            first_seen.setdefault(g, len(first_seen))
+            buf = buffers[g]
+            buf.append(idx)
+            if len(buf) == self.batch_size:
+                yield list(buf)
+                buf.clear()
+        # Deterministic tail: largest leftover first, ties by first appearance.
+        order = sorted((g for g in buffers if buffers[g]), key=lambda g: (-len(buffers[g]), first_seen[g]))
+        tail = [i for g in order for i in buffers[g]]
+        for start in range(0, len(tail), self.batch_size):
+            chunk = tail[start:start + self.batch_size]
+            if len(chunk) < self.batch_size and self.drop_last:
+                break
+            yield chunk
+
+
+def build_grouped_batch_sampler(
+    aspect_ratios: Sequence[float],
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    bins: Union[int, Sequence[float], None] = None,
+    drop_last: bool = False,
+    num_replicas: Optional[int] = None,
+    rank: Optional[int] = None,
+) -> GroupedBatchSampler:
+    """A ``GroupedBatchSampler`` over a ``DistributedSampler`` (one replica when not distributed).
+
+    Deterministic given ``seed`` and the epoch passed to ``set_epoch``; call ``set_epoch(epoch)``
+    before every epoch. ``num_replicas``/``rank`` default to the initialised process group (or 1/0).
+    """
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    n = len(aspect_ratios)
+    sampler = DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=False)
+    return GroupedBatchSampler(sampler, aspect_ratios, batch_size, bins=bins, drop_last=drop_last)

@@ -1,0 +1,238 @@
+"""COCO box evaluation through pycocotools, plus the glue from model outputs to COCO results.
+
+The 12 numbers are pycocotools' ``COCOeval.stats`` under readable names. **-1 convention**
+(pycocotools'): a value is -1 when it is undefined -- no (non-crowd) ground truth in that
+category / area range, so there is nothing to recall (e.g. ``APl`` on a set without large
+objects, or every stat on an empty val set). A value of 0 means there was ground truth but
+nothing was found. ``per_class_AP`` follows the same convention per category.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+__all__ = ["STAT_NAMES", "coco_evaluate", "gather_results", "load_coco_gt", "to_coco_results",
+           "write_detections_json"]
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _as_float_list(t: Any) -> List[float]:
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu().double().numpy()
+    return np.asarray(t, dtype=np.float64).reshape(-1).tolist()
+
+
+def to_coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]],
+                    cat_ids: Sequence[int]) -> List[Dict[str, Any]]:
+    """Model outputs -> the detection list pycocotools' ``loadRes`` takes.
+
+    Args:
+        outputs: per image ``{"boxes": (M, 4) xyxy resized pixels, "scores": (M,), "labels": (M,) in 1..K}``.
+        targets: the matching dataset targets (``image_id``, ``scale``, ``orig_size``).
+        cat_ids: ``cat_ids[label - 1]`` is the COCO category id (``CocoDetection.cat_ids``).
+
+    Returns:
+        ``[{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}, ...]`` with
+        boxes in original-image pixels (``resized / scale``, clipped to ``orig_size``), python types.
+    """
+    if len(outputs) != len(targets):
+        raise ValueError(f"{len(outputs)} outputs but {len(targets)} targets")
+    cat_ids = [int(c) for c in cat_ids]
+    results: List[Dict[str, Any]] = []
+    for out, tgt in zip(outputs, targets):
+        boxes = np.asarray(_as_float_list(out["boxes"]), dtype=np.float64).reshape(-1, 4)
+        scores = _as_float_list(out["scores"])
+        labels = [int(round(v)) for v in _as_float_list(out["labels"])]
+        if not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError(f"image {tgt['image_id']}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
+        if not boxes.size:
+            continue
+        bad = [lab for lab in labels if not 1 <= lab <= len(cat_ids)]
+        if bad:
+            raise ValueError(f"image {tgt['image_id']}: labels {sorted(set(bad))} outside 1..{len(cat_ids)}")
+        scale = float(tgt.get("scale", 1.0))
+        boxes = boxes / scale
+        if "orig_size" in tgt:
+            H, W = (float(v) for v in tgt["orig_size"])
+            # h/H and w/W differ by rounding; clip so x1 never exceeds the original width.
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0.0, W)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0.0, H)
+        image_id = int(tgt["image_id"])
+        for (x0, y0, x1, y1), s, lab in zip(boxes.tolist(), scores, labels):
+            results.append({"image_id": image_id, "category_id": cat_ids[lab - 1],
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+    return results
+
+
+def load_coco_gt(coco_gt_or_json: Union[COCO, str, os.PathLike, Mapping[str, Any]]) -> COCO:
+    """A pycocotools ``COCO`` from a ``COCO``, a json path or an already-loaded dict (quietly)."""
+    if isinstance(coco_gt_or_json, COCO):
+        return coco_gt_or_json
+    gt = COCO()
+    if isinstance(coco_gt_or_json, Mapping):
+        gt.dataset = copy.deepcopy(dict(coco_gt_or_json))
+    else:
+        with open(coco_gt_or_json, "r", encoding="utf-8") as f:
+            gt.dataset = json.load(f)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _load_results(gt: COCO, results: Union[Sequence[Mapping[str, Any]], str, os.PathLike]) -> List[Dict[str, Any]]:
+    if isinstance(results, (str, os.PathLike)):
+        with open(results, "r", encoding="utf-8") as f:
+            results = json.load(f)
+    if not isinstance(results, (list, tuple)):
+        raise ValueError(f"results must be a list of detections, got {type(results).__name__}")
+    # loadRes writes area/id/iscrowd into the dicts it gets: hand it copies.
+    res = [dict(r, bbox=list(r["bbox"])) if "bbox" in r else dict(r) for r in results]
+    unknown_img = {r["image_id"] for r in res} - set(gt.imgs)
+    if unknown_img:
+        raise ValueError(f"{len(unknown_img)} result image ids are not in the ground truth, "
+                         f"e.g. {sorted(unknown_img)[:5]}")
+    unknown_cat = {r["category_id"] for r in res} - set(gt.cats)
+    if unknown_cat:
+        raise ValueError(f"result category ids {sorted(unknown_cat)} are not in the ground truth "
+                         f"(ids {sorted(gt.cats)}); were labels mapped back with cat_ids?")
+    return res
+
+
+def _empty_res(gt: COCO) -> COCO:
+    """A result set with no detections (``loadRes([])`` crashes on ``anns[0]``)."""
+    res = COCO()
+    res.dataset = {"images": list(gt.dataset.get("images", [])),
+                   "categories": copy.deepcopy(gt.dataset.get("categories", [])), "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        res.createIndex()
+    return res
+
+
+def coco_evaluate(
+    coco_gt_or_json: Union[COCO, str, os.PathLike, Mapping[str, Any]],
+    results: Union[Sequence[Mapping[str, Any]], str, os.PathLike],
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    iou_type: str = "bbox",
+    img_ids: Optional[Iterable[int]] = None,
+) -> Dict[str, Any]:
+    """Run pycocotools' ``COCOeval`` and name its numbers.
+
+    Args:
+        coco_gt_or_json: ground truth as ``COCO``, json path or dict (crowd boxes included).
+        results: ``to_coco_results`` output (or a path to such a json); may be empty.
+        class_names: names in category-id order (default: the json's names).
+        iou_type: ``"bbox"`` (or ``"segm"`` when results carry segmentations).
+        img_ids: evaluate only these images (e.g. a subset run); default all images in the gt.
+
+    Returns:
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}``
+        floats (-1 = undefined, see module docstring), ``"per_class_AP"`` ``{name: AP@[.5:.95]}``
+        and ``"summary"``, pycocotools' printed table plus a per-class table, for the caller to print.
+    """
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    gt = load_coco_gt(coco_gt_or_json)
+    cat_ids = sorted(gt.cats)
+    if class_names is None:
+        class_names = [str(gt.cats[c].get("name", c)) for c in cat_ids]
+    elif len(class_names) != len(cat_ids):
+        raise ValueError(f"{len(class_names)} class names for {len(cat_ids)} categories")
+    res_list = _load_results(gt, results)
+    eval_ids = sorted(gt.imgs) if img_ids is None else sorted({int(i) for i in img_ids})
+
+    stats = dict.fromkeys(STAT_NAMES, -1.0)
+    per_class = {str(n): -1.0 for n in class_names}
+    if not eval_ids or not cat_ids:
+        summary = "COCO eval: no images or no categories to evaluate; all stats -1 (undefined)"
+        return {**stats, "per_class_AP": per_class, "summary": summary}
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(res_list) if res_list else _empty_res(gt)
+        ev = COCOeval(gt, dt, iouType=iou_type)
+        ev.params.imgIds = eval_ids
+        ev.evaluate()
+        ev.accumulate()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ev.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+    # precision: [T iou thresholds, R recall points, K categories, A area ranges, M max dets]
+    precision = ev.eval["precision"]
+    for k, name in enumerate(class_names):
+        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100
+        per_class[str(name)] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    width = max([len(str(n)) for n in class_names] + [5])
+    lines = [buf.getvalue().rstrip(), "", f"{'class':<{width}}  AP@[.5:.95]"]
+    lines += [f"{n:<{width}}  {v:.3f}" if v >= 0 else f"{n:<{width}}  -1 (no ground truth)"
+              for n, v in per_class.items()]
+    return {**stats, "per_class_AP": per_class, "summary": "\n".join(lines)}
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_detections_json(results: Sequence[Mapping[str, Any]], path: Union[str, os.PathLike]) -> Path:
+    """Write detections (``to_coco_results`` format) to ``path`` atomically (temp file + rename).
+
+    A reader never sees a half-written file, and a crash leaves the previous file intact. Tensor and
+    numpy scalars are converted to python numbers. Note that pycocotools' ``loadRes`` cannot read an
+    empty list (``anns[0]``); ``coco_evaluate`` accepts one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(list(results), f, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def gather_results(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Collect detections from every DDP rank (all ranks get the full list); no-op when not distributed.
+
+    A ``DistributedSampler`` pads the last shard by repeating images, so the same image can be
+    evaluated on two ranks; its detections are kept from the first rank only (duplicates would
+    count as false positives).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(results)
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(results))
+    merged: List[Dict[str, Any]] = []
+    seen: set = set()
+    for rank_results in gathered:
+        ids = {r["image_id"] for r in rank_results}
+        new = ids - seen
+        merged.extend(r for r in rank_results if r["image_id"] in new)
+        seen |= ids
+    return merged
