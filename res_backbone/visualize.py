@@ -117,8 +117,8 @@ def render_detections(
     except (TypeError, OSError, ImportError):
         font = ImageFont.load_default()
     line = max(1, upscale)
-    gb, gl = _rows(gt_boxes, 4) * upscale, _rows(gt_labels, 0)
-    for i, box in enumerate(gb.tolist()):
+    gb = _rows(gt_boxes, 4) * upscale  # ground truth is drawn unlabelled (dashed), predictions carry the names
+    for box in gb.tolist():
         _dashed_rect(draw, box, GT_COLOUR, line, dash=4 * line)
     pb, pl, ps = _rows(pred_boxes, 4) * upscale, _rows(pred_labels, 0), _rows(pred_scores, 0)
     if len(ps) == 0 and len(pb):

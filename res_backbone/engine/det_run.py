@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

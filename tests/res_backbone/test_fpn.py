@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torchvision
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign

@@ -1,6 +1,5 @@
 """tools/train_det.py and tools/eval_det.py end to end on a tiny synthetic set (CPU, seconds)."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,7 +1,5 @@
 """Engine pieces: atomic checkpoints, resume lookup, RNG round trip, config files, LR schedule."""
 import argparse
-import math
-import os
 import random
 
 import numpy as np
