@@ -115,7 +115,7 @@ def _losses(path):
 
 
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
-    common = [*TINY, "--max-iters", "14", "--deterministic", "--data-dir", str(tmp_path / "data"),
+    common = [*TINY, "--max-iters", "30", "--deterministic", "--data-dir", str(tmp_path / "data"),
               "--checkpoint-every", "100", "--eval-every", "100"]
     _run("train_det.py", *common, "--output", str(tmp_path / "a"))
     ref = _losses(tmp_path / "a" / "log.jsonl")
@@ -130,13 +130,13 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
     stopped = max(_losses(log))
-    assert stopped < 14, "the run ended before the signal; nothing to resume"
+    assert stopped < 30, "the run ended before the signal; nothing to resume"
     import torch
 
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert ckpt["iteration"] == stopped
     _run("train_det.py", *common, "--output", str(out), "--resume", "auto")
     after = _losses(log)
-    assert max(after) == 14
-    for it in range(stopped + 1, 15):
+    assert max(after) == 30
+    for it in range(stopped + 1, 31):
         assert after[it] == pytest.approx(ref[it], rel=1e-5, abs=1e-6), (it, after[it], ref[it])
