@@ -22,10 +22,10 @@ from ..data import (
     CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
     make_synthetic_coco, synthetic_paths,
 )
-from ..evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
+from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
 from ..visualize import draw_detections
 from . import checkpoint as ckpt_mod
-from .detection import NonFiniteLossError, gather_pairs, predict, train_one_epoch
+from .detection import NonFiniteLossError, predict, train_one_epoch
 from .distributed import DistInfo, barrier
 from .logger import RunLogger
 from .optim import build_optimizer, lr_factor, set_lr
@@ -293,11 +293,11 @@ def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optiona
     pairs = predict(unwrap(model), data.val_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last,
                     progress=bar)
     bar.close()
-    pairs = gather_pairs(pairs)
+    # COCO results are small plain dicts: convert on each rank, then gather (deduplicating images a
+    # DistributedSampler padded onto two ranks).
+    results = gather_results(to_coco_results([p[0] for p in pairs], [p[1] for p in pairs], data.cat_ids))
     if not is_main:
         return None
-    outputs, targets = [p[0] for p in pairs], [p[1] for p in pairs]
-    results = to_coco_results(outputs, targets, data.cat_ids)
     metrics = coco_evaluate(data.val_json, results, class_names=data.class_names)
     if write and out_dir is not None:
         write_detections_json(results, out_dir / "detections.json")

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .distributed import all_gather_objects, all_reduce_mean
+from .distributed import all_reduce_mean
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -142,16 +142,3 @@ def predict(
         if progress is not None:
             progress.update(1)
     return pairs
-
-
-def gather_pairs(pairs: List[tuple]) -> List[tuple]:
-    """All ranks' ``(output, target)`` pairs on every rank, de-duplicated by image id (a
-    DistributedSampler pads the last batch by repeating images)."""
-    seen, merged = set(), []
-    for part in all_gather_objects(pairs):
-        for out, tgt in part:
-            if tgt["image_id"] in seen:
-                continue
-            seen.add(tgt["image_id"])
-            merged.append((out, tgt))
-    return merged

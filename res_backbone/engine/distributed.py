@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List
 
 import torch
 import torch.distributed as dist
@@ -70,15 +69,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
-
-
-def all_gather_objects(obj: Any) -> List[Any]:
-    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
-    if not dist.is_initialized():
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def cleanup() -> None:
