@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 from .blocks import BasicBlock, Bottleneck
 from .fpn import FPN
 from .pretrained import DEFAULT_CFG, load_pretrained
-from .resnet import STAGE_NAMES, ResNet, ResNetBackbone, warn_if_frozen_random
+from .resnet import ResNet, ResNetBackbone, warn_if_frozen_random
 
 _ARCHS: Dict[str, Callable[[], dict]] = {}
 Pretrained = Union[bool, str, os.PathLike, None]
@@ -93,9 +93,80 @@ def plain152():
     return dict(resnet152(), residual=False, weights=None)
 
 
+# The CIFAR nets of section 4.2: depth 6n+2, a 3x3 stem, three stages of n basic blocks with
+# 16/32/64 filters, option-A (zero-padding) shortcuts; Table 6 gives 0.27M..1.7M parameters.
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def _cifar(n: int, residual: bool = True) -> dict:
+    return dict(
+        block=BasicBlock, layers=(n, n, n), residual=residual, weights=None, stem_type="cifar",
+        shortcut="A", default_cfg=dict(input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10),
+    )
+
+
+@register
+def resnet20():
+    return _cifar(3)
+
+
+@register
+def resnet32():
+    return _cifar(5)
+
+
+@register
+def resnet44():
+    return _cifar(7)
+
+
+@register
+def resnet56():
+    return _cifar(9)
+
+
+@register
+def resnet110():
+    return _cifar(18)
+
+
+@register
+def plain20():
+    return _cifar(3, residual=False)
+
+
+@register
+def plain32():
+    return _cifar(5, residual=False)
+
+
+@register
+def plain44():
+    return _cifar(7, residual=False)
+
+
+@register
+def plain56():
+    return _cifar(9, residual=False)
+
+
+@register
+def plain110():
+    return _cifar(18, residual=False)
+
+
 # ---------------------------------------------------------------------- builders
+_ARCH_ONLY = ("block", "layers", "residual", "weights", "default_cfg")
+
+
+def arch_kwargs(arch: dict, **overrides) -> dict:
+    """The :class:`ResNet` keywords an architecture dict sets (``stem_type``, ``shortcut``...), under
+    the caller's ``overrides``."""
+    return {**{k: v for k, v in arch.items() if k not in _ARCH_ONLY}, **overrides}
+
+
 def _load(model, name: str, arch: dict, pretrained: Pretrained) -> None:
-    model.pretrained_cfg = dict(DEFAULT_CFG)
+    model.pretrained_cfg = {**DEFAULT_CFG, **arch.get("default_cfg", {})}
     if pretrained:
         model.pretrained_cfg = load_pretrained(model, arch["weights"] or name, pretrained)
 
@@ -114,7 +185,8 @@ def create_model(name: str, *, num_classes: int = 1000, pretrained: Pretrained =
         A :class:`ResNet` with ``pretrained_cfg`` (mean/std/input size of its weights).
     """
     arch = get_arch(name)
-    model = ResNet(arch["block"], arch["layers"], num_classes=num_classes, residual=arch["residual"], **kwargs)
+    model = ResNet(arch["block"], arch["layers"], num_classes=num_classes, residual=arch["residual"],
+                   **arch_kwargs(arch, **kwargs))
     _load(model, name, arch, pretrained)
     warn_if_frozen_random(model.norm, model.norm_eval, model.frozen_stages, pretrained)
     model.model_name = name
@@ -125,7 +197,7 @@ def create_backbone(
     name: str,
     *,
     pretrained: Pretrained = False,
-    out_features: Sequence[str] = STAGE_NAMES,
+    out_features: Optional[Sequence[str]] = None,
     frozen_stages: int = 0,
     norm: str = "bn",
     output_stride: int = 32,
@@ -140,7 +212,7 @@ def create_backbone(
         name: one of :func:`list_models`.
         pretrained: as for :func:`create_model`; the classifier is not loaded.
         out_features: levels to return, from ``stem``, ``res2``..``res5`` (the FPN's inputs when
-            ``fpn=True``).
+            ``fpn=True``); default every stage (``res2``..``res5``, or ``res2``..``res4`` for CIFAR nets).
         frozen_stages: 0 = none, 1 = stem, 2 = stem + res2, ..., 5 = everything.
         norm: ``"bn"``, ``"frozen_bn"``, ``"sync_bn"`` or ``"gn"``.
         output_stride: 32, 16 or 8 (dilated res5/res4, bottleneck models only).
@@ -155,7 +227,7 @@ def create_backbone(
     arch = get_arch(name)
     model = ResNetBackbone(
         arch["block"], arch["layers"], out_features=out_features, residual=arch["residual"],
-        norm=norm, output_stride=output_stride, frozen_stages=frozen_stages, **kwargs,
+        **arch_kwargs(arch, norm=norm, output_stride=output_stride, frozen_stages=frozen_stages, **kwargs),
     )
     if fpn:
         model.attach_fpn(FPN(model.output_shape(), out_channels=fpn_channels, p6=fpn_p6))

@@ -28,10 +28,15 @@ class ResNet(nn.Module):
 
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.
-        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50; three stages for the CIFAR
+            nets (``(3, 3, 3)`` for ResNet-20).
         num_classes: classifier outputs; 0 builds no classifier (``fc`` is an ``Identity``).
         in_chans: input channels (3 for RGB, 1 for grayscale).
-        widths: base width of each stage (output channels are ``width * block.expansion``).
+        stem_type: ``"imagenet"`` (7x7 stride-2 conv + 3x3 stride-2 max-pool) or ``"cifar"`` (one
+            3x3 stride-1 conv, no pooling; the paper's section 4.2 nets for 32x32 inputs).
+        stem_width: output channels of the stem conv (64 ImageNet, 16 CIFAR).
+        widths: base width of each stage (output channels are ``width * block.expansion``); default
+            64/128/256/512 (four stages) or 16/32/64 (three).
         shortcut: ``"A"``, ``"B"`` (default) or ``"C"``, see :mod:`res_backbone.blocks`.
         residual: ``False`` builds the plain twin (no shortcuts).
         stride_in_1x1: bottleneck stride in the first 1x1 (paper) instead of the 3x3 (v1.5).
@@ -53,8 +58,9 @@ class ResNet(nn.Module):
         *,
         num_classes: int = 1000,
         in_chans: int = 3,
-        stem_width: int = 64,
-        widths: Sequence[int] = (64, 128, 256, 512),
+        stem_type: str = "imagenet",
+        stem_width: Optional[int] = None,
+        widths: Optional[Sequence[int]] = None,
         shortcut: str = "B",
         residual: bool = True,
         stride_in_1x1: bool = False,
@@ -67,8 +73,16 @@ class ResNet(nn.Module):
         global_pool: str = "avg",
     ):
         super().__init__()
-        if len(layers) != 4 or len(widths) != 4:
-            raise ValueError(f"ResNet needs 4 stages; got layers={tuple(layers)}, widths={tuple(widths)}")
+        if widths is None:
+            widths = (64, 128, 256, 512) if len(layers) == 4 else (16, 32, 64)
+        if len(layers) not in (3, 4) or len(widths) != len(layers):
+            raise ValueError(
+                f"ResNet needs 4 stages (ImageNet) or 3 (CIFAR); got layers={tuple(layers)}, widths={tuple(widths)}"
+            )
+        if stem_type not in ("imagenet", "cifar"):
+            raise ValueError(f"stem_type must be 'imagenet' or 'cifar', got {stem_type!r}")
+        if stem_width is None:
+            stem_width = 64 if stem_type == "imagenet" else widths[0]
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 32, 16 or 8, got {output_stride}")
         if output_stride != 32 and block is not Bottleneck:
@@ -76,20 +90,29 @@ class ResNet(nn.Module):
                 f"output_stride={output_stride} replaces strides by dilation, which needs bottleneck "
                 f"blocks (resnet50/101/152 and plain50/101/152); this model uses {block.__name__}"
             )
-        if not 0 <= frozen_stages <= 5:
-            raise ValueError(f"frozen_stages must be in 0..5 (1 = stem, 5 = all stages), got {frozen_stages}")
+        self.num_stages = len(layers)
+        if not 0 <= frozen_stages <= self.num_stages + 1:
+            raise ValueError(
+                f"frozen_stages must be in 0..{self.num_stages + 1} (1 = stem, {self.num_stages + 1} = all stages), "
+                f"got {frozen_stages}"
+            )
         norm_layer = get_norm_layer(norm)
         self.norm, self.norm_eval, self.frozen_stages = norm, norm_eval, frozen_stages
         self.num_classes, self.drop_rate, self.in_chans = num_classes, drop_rate, in_chans
 
-        self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+        # Registration order = execution order (timm's FeatureListNet walks the children in order).
+        self.stem_type = stem_type
+        imagenet = stem_type == "imagenet"
+        self.conv1 = nn.Conv2d(in_chans, stem_width, 7 if imagenet else 3, stride=2 if imagenet else 1,
+                               padding=3 if imagenet else 1, bias=False)
         self.bn1 = norm_layer(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1) if imagenet else nn.Identity()
 
         # Dilation instead of stride for the last stages (DeepLab's "atrous" trick), placed as
         # torchvision does: the first block of a dilated stage still uses the previous dilation.
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
+        dilate = dilate[len(dilate) - (len(layers) - 1):]
         in_ch, dilation = stem_width, 1
         for i, (n, width) in enumerate(zip(layers, widths)):
             stride = 1 if i == 0 else 2
@@ -113,6 +136,8 @@ class ResNet(nn.Module):
                 )
                 in_ch = blocks[-1].out_channels
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        if self.num_stages == 3:  # keeps forward_features scriptable; holds no parameters
+            self.layer4 = nn.Identity()
 
         self.num_features = self.head_hidden_size = in_ch
         self.grad_checkpointing = False
@@ -138,11 +163,13 @@ class ResNet(nn.Module):
                     m.zero_init_last()
 
     def stages(self) -> List[nn.Module]:
-        """The four stages ``layer1``..``layer4`` (``res2``..``res5``) that this module still holds."""
-        return [getattr(self, f"layer{i}") for i in range(1, 5) if hasattr(self, f"layer{i}")]
+        """The stages ``layer1``..``layer4`` (``res2``..``res5``) that this module still holds
+        (``layer1``..``layer3`` = ``res2``..``res4`` in a CIFAR net)."""
+        found = [getattr(self, f"layer{i}", None) for i in range(1, 5)]
+        return [m for m in found if isinstance(m, nn.Sequential)]
 
     def _build_feature_info(self) -> List[dict]:
-        stride = self.conv1.stride[0] * self.maxpool.stride
+        stride = self.conv1.stride[0] * getattr(self.maxpool, "stride", 1)
         info = [feature_entry("stem", self.conv1.out_channels, self.conv1.stride[0], "relu")]
         for i, stage in enumerate(self.stages()):
             for b in stage:
@@ -170,8 +197,8 @@ class ResNet(nn.Module):
     def freeze(self, frozen_stages: int) -> "ResNet":
         """Freeze stem..level ``frozen_stages`` (1 = stem, 2 = +res2, ..., 5 = all): no gradients,
         BatchNorm statistics fixed. Earlier freezing is not undone by a smaller value; build anew."""
-        if not 0 <= frozen_stages <= 5:
-            raise ValueError(f"frozen_stages must be in 0..5, got {frozen_stages}")
+        if not 0 <= frozen_stages <= self.num_stages + 1:
+            raise ValueError(f"frozen_stages must be in 0..{self.num_stages + 1}, got {frozen_stages}")
         self.frozen_stages = max(self.frozen_stages, frozen_stages)
         self._apply_freeze()
         return self
@@ -220,7 +247,7 @@ class ResNet(nn.Module):
         return out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last feature map ``(N, num_features, H/32, W/32)`` (timm's contract)."""
+        """The last feature map ``(N, num_features, H/32, W/32)``, ``H/4`` for CIFAR nets (timm's contract)."""
         x = self.maxpool(self.stem(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return self._checkpointed(self.stages(), x)
@@ -297,15 +324,18 @@ class ResNetBackbone(ResNet):
     ``layer4``). Parameter names equal torchvision's minus ``fc`` (plus ``fpn.*`` with an FPN).
 
     Args:
-        out_features: levels to return, any of ``stem``, ``res2``..``res5``.
-        fpn: an optional :class:`~res_backbone.fpn.FPN` built over ``out_features``; when given,
-            ``forward`` returns its ``p*`` levels instead.
+        out_features: levels to return, any of ``stem``, ``res2``..``res5`` (``res4`` is the last of
+            a CIFAR net); default every stage. :meth:`attach_fpn` puts an FPN on top; ``forward``
+            then returns its ``p*`` levels instead.
         **kwargs: passed to :class:`ResNet`.
     """
 
-    def __init__(self, block: BlockType, layers: Sequence[int], *, out_features: Sequence[str] = STAGE_NAMES, **kwargs):
+    def __init__(self, block: BlockType, layers: Sequence[int], *, out_features: Optional[Sequence[str]] = None,
+                 **kwargs):
         kwargs["num_classes"] = 0
         super().__init__(block, layers, **kwargs)
+        if out_features is None:
+            out_features = [f["name"] for f in self.feature_info if f["name"] != "stem"]
         selected = select_features(self.feature_info, out_features)
         self.out_features = [f["name"] for f in selected]
         last = max(LEVEL_NAMES.index(n) for n in self.out_features)

@@ -21,7 +21,7 @@ from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
 from .pretrained import CATALOGUE, _strip_prefix, resolve
-from .registry import get_arch, list_models
+from .registry import arch_kwargs, get_arch, list_models
 from .resnet import ResNet
 
 PREFIX = "rb_"
@@ -62,7 +62,8 @@ def _default_cfgs() -> Dict[str, dict]:
                 origin_url="local cache only (res_backbone never downloads)", **src, **extra,
             )
         if not entries:
-            cfgs[f"{PREFIX}{name}"] = _cfg()
+            small = get_arch(name).get("default_cfg", {})  # CIFAR nets: 32x32 inputs, 8x8 final map
+            cfgs[f"{PREFIX}{name}"] = _cfg(**small, **({"pool_size": (8, 8)} if small else {}))
     return cfgs
 
 
@@ -97,12 +98,13 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> TimmResNet:
         path, _ = resolve(arch["weights"] or variant[len(PREFIX):], tag or True)
         overlay["file"] = str(path)
     return build_model_with_cfg(
-        partial(TimmResNet, arch["block"], arch["layers"], residual=arch["residual"]),
+        partial(TimmResNet, arch["block"], arch["layers"], residual=arch["residual"], **arch_kwargs(arch)),
         variant,
         pretrained,
         pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=overlay or None,
         pretrained_filter_fn=_filter_state_dict,
+        feature_cfg=dict(out_indices=tuple(range(len(arch["layers"]) + 1))),  # stem + each stage
         **kwargs,
     )
 

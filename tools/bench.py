@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from res_backbone import benchmark, create_model, list_models  # noqa: E402
+from res_backbone import benchmark, create_model, get_arch, list_models  # noqa: E402
 from res_backbone.complexity import count_macs, count_params  # noqa: E402
 
 
@@ -49,16 +49,19 @@ def _environment(threads: int) -> dict:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    size = (3, args.image_size, args.image_size)
     rows = []
     for name in args.models or list_models():
-        row = {"model": name, "params": count_params(create_model(name))}
+        # CIFAR nets are counted at their own 32x32 input (the paper's Table 6 setting).
+        side = get_arch(name).get("default_cfg", {}).get("input_size", (3, args.image_size))[-1]
+        size = (3, side, side)
+        row = {"model": name, "input_size": side, "params": count_params(create_model(name))}
         row["macs_v1_5"] = count_macs(create_model(name), size)
         row["macs_stride_in_1x1"] = count_macs(create_model(name, stride_in_1x1=True), size)
         rows.append(row)
-    print(f"{'model':<10} {'params (M)':>10} {'GMACs v1.5':>11} {'GMACs paper':>12}   at {args.image_size}x{args.image_size}")
+    print(f"{'model':<10} {'input':>5} {'params (M)':>10} {'GMACs v1.5':>11} {'GMACs paper':>12}")
     for r in rows:
-        print(f"{r['model']:<10} {r['params'] / 1e6:>10.2f} {r['macs_v1_5'] / 1e9:>11.3f} {r['macs_stride_in_1x1'] / 1e9:>12.3f}")
+        print(f"{r['model']:<10} {r['input_size']:>5} {r['params'] / 1e6:>10.3f} {r['macs_v1_5'] / 1e9:>11.3f} "
+              f"{r['macs_stride_in_1x1'] / 1e9:>12.3f}")
     if args.output:
         _write_json(args.output, {"image_size": args.image_size, "models": rows})
 

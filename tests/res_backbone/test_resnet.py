@@ -11,14 +11,17 @@ import res_backbone as rb
 from res_backbone.complexity import count_macs, count_params
 from res_backbone.layers import ZeroPadShortcut
 
-ALL = rb.list_models()
+CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+ALL = [n for n in rb.list_models() if n not in CIFAR + [c.replace("resnet", "plain") for c in CIFAR]]
 DEPTHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 LEVELS = ("stem", "res2", "res3", "res4", "res5")
 
 
 def test_registry_lists_family_and_plain_twins():
-    assert ALL == DEPTHS + [d.replace("resnet", "plain") for d in DEPTHS]
-    assert rb.list_models("plain*") == ["plain18", "plain34", "plain50", "plain101", "plain152"]
+    assert rb.list_models() == DEPTHS + [d.replace("resnet", "plain") for d in DEPTHS] + CIFAR + [
+        c.replace("resnet", "plain") for c in CIFAR
+    ]
+    assert rb.list_models("plain1*") == ["plain18", "plain101", "plain152", "plain110"]
 
 
 @pytest.mark.parametrize("name", ALL)

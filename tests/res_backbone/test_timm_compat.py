@@ -17,7 +17,7 @@ from res_backbone.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from res_backbone.testing import FAKE_REVISION, write_fake_timm_cache, write_fake_torchvision_cache
 
 REPO = Path(__file__).resolve().parents[2]
-RB_NAMES = [f"rb_{kind}{depth}" for kind in ("resnet", "plain") for depth in (18, 34, 50, 101, 152)]
+RB_NAMES = [f"rb_{kind}{depth}" for kind in ("resnet", "plain") for depth in (18, 34, 50, 101, 152, 20, 32, 44, 56, 110)]
 TOOL_NO_SDIST = 3  # tools/run_timm_suite.py's exit status when the timm sdist cannot be had
 
 
