@@ -171,3 +171,44 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         import shutil
 
         shutil.copyfile(src, dst)
+
+
+def write_tiny_cls_checkpoint(
+    path: PathLike,
+    *,
+    model_name: str = "resnet20",
+    num_classes: int = 10,
+    in_chans: int = 1,
+    input_size: int = 28,
+    mean: Iterable[float] = (0.2860,),
+    std: Iterable[float] = (0.3530,),
+    classes: Optional[Iterable[str]] = None,
+    seed: int = 0,
+) -> Path:
+    """Write an untrained classification checkpoint in the project's layout (for tests).
+
+    ``{"model", "model_name", "model_kwargs", "pretrained_cfg", "classes", "task", "iter", "epoch",
+    "config", "metrics", "library_version"}``, as ``tools/train_cls.py`` saves it; BatchNorm running
+    statistics are randomised so a loader that skipped buffers would be caught.
+    """
+    from . import __version__
+    from .registry import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    names = list(classes) if classes is not None else [f"class{i}" for i in range(num_classes)]
+    cfg = {"mean": list(mean), "std": list(std), "input_size": [in_chans, input_size, input_size], "crop_pct": 1.0,
+           "interpolation": "bilinear", "num_classes": num_classes, "tag": None, "source": "res_backbone"}
+    ckpt = {"model": model.state_dict(), "model_name": model_name,
+            "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans}, "pretrained_cfg": cfg,
+            "classes": names, "task": "classification", "iter": 0, "epoch": 0, "config": {"seed": seed},
+            "metrics": {}, "library_version": __version__}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path

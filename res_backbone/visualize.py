@@ -97,6 +97,8 @@ def render_detections(
     *,
     score_thresh: float = 0.3,
     upscale: int = 1,
+    gt_captions: Optional[Sequence[str]] = None,
+    pred_captions: Optional[Sequence[str]] = None,
 ) -> Image.Image:
     """Draw ground truth and predictions on an image and return it (PIL RGB, ``upscale`` x size).
 
@@ -107,6 +109,9 @@ def render_detections(
         class_names: K names, ``class_names[label - 1]``.
         score_thresh: predictions scoring below are not drawn.
         upscale: integer magnification (small images get readable captions).
+        gt_captions: optional text per ground-truth box (drawn on green under its top-left corner);
+            ground truth is otherwise drawn without captions.
+        pred_captions: optional text per prediction replacing the default ``"<class> <score>"``.
     """
     pil = _to_pil(image)
     if upscale != 1:
@@ -118,8 +123,10 @@ def render_detections(
         font = ImageFont.load_default()
     line = max(1, upscale)
     gb = _rows(gt_boxes, 4) * upscale  # ground truth is drawn unlabelled (dashed), predictions carry the names
-    for box in gb.tolist():
+    for j, box in enumerate(gb.tolist()):
         _dashed_rect(draw, box, GT_COLOUR, line, dash=4 * line)
+        if gt_captions is not None and j < len(gt_captions):
+            _caption(draw, pil.size, font, str(gt_captions[j]), box[0], box[3] + 1, GT_COLOUR)
     pb, pl, ps = _rows(pred_boxes, 4) * upscale, _rows(pred_labels, 0), _rows(pred_scores, 0)
     if len(ps) == 0 and len(pb):
         ps = np.ones(len(pb))
@@ -131,14 +138,27 @@ def render_detections(
         colour = class_colour(lab)
         x0, y0, x1, y1 = pb[i].tolist()
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=line)
-        text = f"{_name(lab, class_names)} {ps[i]:.2f}"
-        l, t, r, b = draw.textbbox((0, 0), text, font=font)
-        tw, th = r - l, b - t
-        ty = y0 - th - 2 if y0 - th - 2 >= 0 else y0 + 1
-        tx = min(max(0, x0), max(0, pil.width - tw - 2))
-        draw.rectangle([tx, ty, tx + tw + 2, ty + th + 2], fill=colour)
-        draw.text((tx + 1 - l, ty + 1 - t), text, fill=(0, 0, 0), font=font)
+        if pred_captions is not None and i < len(pred_captions):
+            text = str(pred_captions[i])
+        else:
+            text = f"{_name(lab, class_names)} {ps[i]:.2f}"
+        _caption(draw, pil.size, font, text, x0, y0, colour, above=True)
     return pil
+
+
+def _caption(draw: ImageDraw.ImageDraw, size: Tuple[int, int], font, text: str, x0: float, y: float, colour,
+             above: bool = False) -> None:
+    """A filled label at ``(x0, y)``: above ``y`` when ``above`` and there is room, else below it; kept
+    inside the ``(width, height)`` image."""
+    width, height = size
+    l, t, r, b = draw.textbbox((0, 0), text, font=font)
+    tw, th = r - l, b - t
+    if above:
+        y = y - th - 2 if y - th - 2 >= 0 else y + 1
+    y = min(y, max(0, height - th - 3))
+    tx = min(max(0, x0), max(0, width - tw - 2))
+    draw.rectangle([tx, y, tx + tw + 2, y + th + 2], fill=colour)
+    draw.text((tx + 1 - l, y + 1 - t), text, fill=(0, 0, 0), font=font)
 
 
 def draw_detections(
@@ -178,7 +198,8 @@ def save_prediction_grid(
     """Tile several drawn images into one PNG (row-major, ``ncols`` per row, white gaps).
 
     ``predictions[i]`` holds ``boxes``/``labels``/``scores`` and ``targets[i]`` ``boxes``/``labels``,
-    both in the pixels of ``images[i]``.
+    both in the pixels of ``images[i]``; either may add ``captions`` (one text per box, see
+    :func:`render_detections`).
     """
     if not images:
         raise ValueError("no images to draw")
@@ -187,7 +208,8 @@ def save_prediction_grid(
         p = predictions[i] if i < len(predictions) else {}
         t = targets[i] if targets is not None and i < len(targets) else {}
         tiles.append(render_detections(im, p.get("boxes"), p.get("labels"), p.get("scores"), t.get("boxes"),
-                                       t.get("labels"), class_names, score_thresh=score_thresh, upscale=upscale))
+                                       t.get("labels"), class_names, score_thresh=score_thresh, upscale=upscale,
+                                       gt_captions=t.get("captions"), pred_captions=p.get("captions")))
     ncols = max(1, min(ncols, len(tiles)))
     nrows = -(-len(tiles) // ncols)
     cw, ch = max(t.width for t in tiles), max(t.height for t in tiles)

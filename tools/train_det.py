@@ -30,16 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from res_backbone import list_models  # noqa: E402
+from res_backbone.engine.config import opt_float, opt_int  # noqa: E402
 
 log = logging.getLogger("train_det")
 
 
-def _opt_int(v: str):
-    return None if str(v).lower() in ("none", "") else int(v)
-
-
-def _opt_float(v: str):
-    return None if str(v).lower() in ("none", "") else float(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default=None,
                    help="backbone weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, a1_in1k) "
                         "or a checkpoint path (e.g. a train_cls.py checkpoint); default none (from scratch)")
-    g.add_argument("--frozen-stages", type=_opt_int, default=None,
+    g.add_argument("--frozen-stages", type=opt_int, default=None,
                    help="freeze stem..stage k (1 = stem, 2 = +res2, ... 5 = all); default 2 with --pretrained, 0 without")
     g.add_argument("--norm", default=None, choices=("bn", "frozen_bn", "sync_bn", "gn"),
                    help="backbone normalisation; default frozen_bn with --pretrained, bn from scratch "
@@ -86,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank (default 2)")
     t = p.add_argument_group("optimisation")
     t.add_argument("--epochs", type=int, default=12, help="passes over the training split (default 12)")
-    t.add_argument("--max-iters", type=_opt_int, default=None, help="stop after this many iterations (overrides --epochs)")
+    t.add_argument("--max-iters", type=opt_int, default=None, help="stop after this many iterations (overrides --epochs)")
     t.add_argument("--batch-size", type=int, default=4, help="images per rank and iteration (default 4)")
     t.add_argument("--lr", type=float, default=0.02, help="base learning rate (default 0.02 for batch 16; scale linearly)")
     t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="sgd (momentum 0.9) or adamw")
@@ -96,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--milestones", type=float, nargs="+", default=[0.67, 0.89],
                    help="step schedule: x0.1 at these fractions of the run (or absolute iterations if >= 1)")
     t.add_argument("--warmup-iters", type=int, default=100, help="linear warmup iterations (default 100)")
-    t.add_argument("--grad-clip", type=_opt_float, default=None, help="clip the gradient norm to this value")
+    t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
     t.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (fine-tuning)")
     t.add_argument("--freeze-backbone-iters", type=int, default=0, help="keep the whole backbone frozen for the first N iterations")
     t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 uses a grad scaler, CUDA)")

@@ -94,3 +94,13 @@ def resolved_config(args: argparse.Namespace, skip: Sequence[str] = ("config_sou
 
 def dump_yaml(data: Dict[str, Any], path) -> None:
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def opt_int(value: str) -> Optional[int]:
+    """argparse type: an int, or ``None`` for ``none``/empty (e.g. ``--limit-test none``)."""
+    return None if str(value).lower() in ("none", "") else int(value)
+
+
+def opt_float(value: str) -> Optional[float]:
+    """argparse type: a float, or ``None`` for ``none``/empty."""
+    return None if str(value).lower() in ("none", "") else float(value)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,10 +28,13 @@ from .detection import NonFiniteLossError, predict, train_one_epoch
 from .distributed import DistInfo, barrier
 from .logger import RunLogger
 from .optim import build_optimizer, lr_factor, set_lr
+from .run_common import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
+    EXIT_PREEMPTED, Preempted, SignalFlag, resolve_resume, restore_training_state, save_run_checkpoint,
+    seed_everything, unwrap,
+)
 
 log = logging.getLogger(__name__)
 LIBRARY_VERSION = "0.1.0"
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on request
 
 
 @dataclass
@@ -95,15 +97,6 @@ class DetData:
     val_json: Optional[str]
     cat_ids: List[int]
     class_names: List[str]
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def resolve_data_paths(cfg: DetTrainConfig, is_main: bool = True) -> DetTrainConfig:
@@ -218,40 +211,6 @@ def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, 
                    list(train_set.cat_ids), list(train_set.class_names))
 
 
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was written and the run should exit with EXIT_PREEMPTED."""
-
-
-class _SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag checked between iterations (the step in flight finishes)."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def checkpoint_payload(model, optimizer, scaler, it, epoch, cfg: DetTrainConfig, data: DetData, best_ap, metrics):
     m = unwrap(model)
     backbone = getattr(m, "backbone", None)
@@ -358,24 +317,11 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
     max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
     it, best_ap, metrics = 0, -1.0, None
 
-    resume = None
-    if cfg.resume == "auto":
-        resume = ckpt_mod.find_resume_checkpoint(out)
-        if resume is None:
-            log.info("--resume auto: no checkpoint in %s, starting fresh", out)
-    elif cfg.resume:
-        resume = Path(cfg.resume)
+    resume = resolve_resume(cfg.resume, out)
     if resume is not None:
         state = ckpt_mod.load_checkpoint(resume)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ckpt_mod.CorruptCheckpointError(f"{resume}: does not fit this model ({e})") from e
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        restore_training_state(state, resume, model, optimizer, scaler)
         it, best_ap = int(state["iteration"]), float(state.get("best_ap", -1.0))
-        ckpt_mod.set_rng_state(state.get("rng"))
         log.info("resumed from %s at iteration %d", resume, it)
 
     backbone = getattr(model, "backbone", None)
@@ -402,16 +348,13 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
         if dist.is_main:
             payload = checkpoint_payload(model, optimizer, scaler, it_box[0], it_box[0] // iters_per_epoch,
                                          cfg, data, best_ap, metrics)
-            if name == "checkpoint_last.pt":
-                ckpt_mod.rotate_and_save(payload, out, name)
-            else:
-                ckpt_mod.atomic_save(payload, out / name)
+            save_run_checkpoint(payload, out, name)
         barrier()
 
     it_box = [it]
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
                dynamic_ncols=True)
-    with _SignalFlag() as sig:
+    with SignalFlag() as sig:
 
         def on_end(done: int) -> None:
             nonlocal runner

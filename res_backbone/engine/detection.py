@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -14,19 +12,7 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce_mean
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped after too many consecutive non-finite losses or gradients."""
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from .step import AMP_DTYPES, NonFiniteLossError, OptimizerStep, autocast  # noqa: F401  (re-exported)
 
 
 def to_device(images: torch.Tensor, targets: Sequence[dict], device: torch.device, channels_last: bool = False):
@@ -68,7 +54,9 @@ def train_one_epoch(
         progress: an optional tqdm bar, advanced by one per iteration with loss and img/s.
     """
     model.train()
-    it, bad = start_iter, 0
+    it = start_iter
+    step = OptimizerStep(optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip,
+                         max_bad_steps=max_bad_steps, logger=logger)
     t_last, n_imgs = time.perf_counter(), 0
     for images, image_sizes, targets in loader:
         if it >= max_iters:
@@ -78,33 +66,7 @@ def train_one_epoch(
         with autocast(device, amp):
             losses: Dict[str, torch.Tensor] = model(images, image_sizes, targets)
         loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)  # skips the step itself on inf/NaN gradients
-            scaler.update()
-        else:
-            if finite:
-                loss.backward()
-                norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
-                finite = bool(torch.isfinite(norm))
-            if finite:
-                optimizer.step()
-                bad = 0
-            else:
-                bad += 1
-                terms = {k: float(v) for k, v in losses.items()}
-                if logger is not None:
-                    logger.log({"event": "non_finite_step_skipped", **terms}, step=it)
-                if bad >= max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"iteration {it}: {bad} consecutive non-finite losses or gradients, last loss terms "
-                        f"{terms}; stopping (the last good checkpoint is kept). Lower --lr or use --amp none."
-                    )
+        step(loss, it, lambda: {k: float(v) for k, v in losses.items()})
         it += 1
         n_imgs += images.shape[0]
         if it % log_every == 0 or it == max_iters:

@@ -1,0 +1,312 @@
+"""Single-object localization: a class and a box per image, over a backbone's last feature map.
+
+    model = build_localizer("resnet18", num_classes=10, mode="scr")      # or "pcr"
+    out = model(images)                    # {"logits": (N, K), "boxes": (N, 4) or (N, K, 4)}
+    losses = localization_loss(out, labels, boxes)                      # cls + L1 + GIoU terms
+    pred = model.predict(images, k=5)      # top-5 classes, scores and the box of each
+
+Box format everywhere: ``xyxy`` normalised by the input's width and height (0..1 covers the image).
+The box branch predicts ``(cx, cy, w, h)`` through a sigmoid and returns the corners, so a box is
+never inverted; corners may leave [0, 1] by up to half a box during training, ``predict`` clamps them.
+
+Two modes, after the ResNet paper's ImageNet localization (section A of its appendix) and OverFeat:
+
+* ``"scr"`` - single-class regression: one class-agnostic box per image;
+* ``"pcr"`` - per-class regression: one box per class; the loss trains the ground-truth class's box
+  and ``predict`` returns, with each predicted class, that class's box.
+
+"On top of a classifier": :func:`build_localizer` with ``cls_checkpoint=`` (a ``tools/train_cls.py``
+checkpoint) takes the backbone and the classifier from it, frozen (no gradients, BatchNorm
+statistics fixed); only the box branch trains.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss
+
+from res_backbone import create_backbone
+from res_backbone.pretrained import CheckpointMismatchError, read_checkpoint
+
+from .classification import ClassificationHead, Features, NumClassesMismatchError
+
+__all__ = ["LocalizationHead", "LocalizationModel", "build_localizer", "load_localizer", "localization_loss"]
+
+MODES = ("scr", "pcr")
+
+
+def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    """``(..., 4)`` centre/size boxes -> corner boxes."""
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), -1)
+
+
+class LocalizationHead(nn.Module):
+    """A classification branch and a box branch over one feature map.
+
+    The classification branch is a :class:`~heads.classification.ClassificationHead` (average pool,
+    dropout, linear). The box branch keeps the spatial layout, which average pooling would lose: a
+    1x1 convolution to ``box_channels``, adaptive average pooling to a ``grid`` x ``grid`` map (any
+    input size works), then two fully connected layers (OverFeat's regressor over the last map) to
+    ``4`` numbers per box. The last layer starts at zero: every box starts as the centred half-size
+    box ``(0.25, 0.25, 0.75, 0.75)``.
+
+    Args:
+        in_channels: channels of the map read (``backbone.feature_info[-1]["num_chs"]``).
+        num_classes: K.
+        mode: ``"scr"`` (one box) or ``"pcr"`` (one box per class).
+        grid: side of the pooled map the box branch reads.
+        box_channels, hidden: widths of the box branch.
+        drop_rate: dropout before the classifier.
+        in_features: the level to read from a dict of levels (default: its last one).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, mode: str = "scr", *, grid: int = 3,
+                 box_channels: int = 128, hidden: int = 256, drop_rate: float = 0.0,
+                 in_features: Optional[str] = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'scr' (class-agnostic box) or 'pcr' (a box per class), got {mode!r}")
+        if grid < 1 or box_channels < 1 or hidden < 1:
+            raise ValueError(f"grid, box_channels and hidden must be positive, got {grid}, {box_channels}, {hidden}")
+        self.in_channels, self.num_classes, self.mode, self.grid = in_channels, num_classes, mode, grid
+        self.cls = ClassificationHead(in_channels, num_classes, drop_rate=drop_rate, in_features=in_features)
+        self.num_boxes = num_classes if mode == "pcr" else 1
+        self.box_reduce = nn.Sequential(nn.Conv2d(in_channels, box_channels, 1, bias=False),
+                                        nn.BatchNorm2d(box_channels), nn.ReLU(inplace=True))
+        self.box_pool = nn.AdaptiveAvgPool2d(grid)
+        self.box_fc = nn.Sequential(nn.Flatten(1), nn.Linear(box_channels * grid * grid, hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, 4 * self.num_boxes))
+        nn.init.zeros_(self.box_fc[-1].weight)
+        nn.init.zeros_(self.box_fc[-1].bias)
+
+    @property
+    def in_features(self) -> Optional[str]:
+        return self.cls.in_features
+
+    def box_parameters(self):
+        """The parameters of the box branch (what trains on top of a frozen classifier)."""
+        for m in (self.box_reduce, self.box_fc):
+            yield from m.parameters()
+
+    def forward(self, features: Features) -> Dict[str, torch.Tensor]:
+        """``{"logits": (N, K), "boxes": (N, 4) for scr or (N, K, 4) for pcr}``, boxes normalised xyxy."""
+        x = self.cls.select(features)
+        logits = self.cls(x)
+        raw = self.box_fc(self.box_pool(self.box_reduce(x)))
+        boxes = cxcywh_to_xyxy(torch.sigmoid(raw.float()).view(x.shape[0], self.num_boxes, 4))
+        return {"logits": logits, "boxes": boxes[:, 0] if self.mode == "scr" else boxes}
+
+
+class LocalizationModel(nn.Module):
+    """A backbone (``forward -> {level: map}`` with ``feature_info``) and a :class:`LocalizationHead`.
+
+    Attributes:
+        frozen_classifier: True when the backbone and the classification branch are frozen (only the
+            box branch trains); :meth:`train` then keeps them in eval mode.
+    """
+
+    def __init__(self, backbone: nn.Module, head: LocalizationHead):
+        super().__init__()
+        info = {f["name"]: f for f in backbone.feature_info}
+        if head.cls.in_features is None:
+            head.cls.in_features = backbone.feature_info[-1]["name"]
+        if head.in_features not in info:
+            raise ValueError(f"the head reads {head.in_features!r}, but the backbone returns {list(info)}")
+        if info[head.in_features]["num_chs"] != head.in_channels:
+            raise ValueError(f"the head expects {head.in_channels} channels but the backbone's {head.in_features!r} "
+                             f"has {info[head.in_features]['num_chs']}")
+        self.backbone, self.head = backbone, head
+        self.num_classes, self.mode = head.num_classes, head.mode
+        self.feature_info = backbone.feature_info
+        self.frozen_classifier = False
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return getattr(self.backbone, "pretrained_cfg", {})
+
+    def freeze_classifier(self) -> "LocalizationModel":
+        """Freeze the backbone and the classification branch; only the box branch keeps training."""
+        for p in list(self.backbone.parameters()) + list(self.head.cls.parameters()):
+            p.requires_grad_(False)
+        self.frozen_classifier = True
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "LocalizationModel":
+        super().train(mode)
+        if self.frozen_classifier:  # fixed BatchNorm statistics and no dropout in the frozen part
+            self.backbone.eval()
+            self.head.cls.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Images ``(N, C, H, W)`` -> ``{"logits": (N, K), "boxes": (N, 4) | (N, K, 4)}`` (normalised xyxy)."""
+        return self.head(self.backbone(x))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, k: int = 5, flip: bool = False) -> Dict[str, torch.Tensor]:
+        """Top-``k`` classes with their boxes (``k`` is capped at K).
+
+        Args:
+            x: images ``(N, C, H, W)``.
+            k: how many classes.
+            flip: test-time augmentation: also run the horizontally mirrored images and average the
+                class probabilities and the (mirrored back) boxes.
+
+        Returns:
+            ``classes`` (N, k) best first, ``scores`` (N, k) softmax probabilities, ``boxes``
+            (N, k, 4) the box of each of those classes (the one box for scr), ``class_boxes``
+            (N, K, 4) the box for every class; boxes normalised xyxy clamped to [0, 1].
+        """
+        out = self(x)
+        if flip:
+            mirrored = self(x.flip(-1))
+            b = mirrored["boxes"].float()
+            b = torch.stack((1.0 - b[..., 2], b[..., 1], 1.0 - b[..., 0], b[..., 3]), -1)
+            probs = (out["logits"].float().softmax(-1) + mirrored["logits"].float().softmax(-1)) / 2
+            out = {"logits": probs.clamp_min(1e-12).log(), "boxes": (out["boxes"].float() + b) / 2}
+        return topk_predictions(out, k)
+
+
+def topk_predictions(outputs: Dict[str, torch.Tensor], k: int = 5) -> Dict[str, torch.Tensor]:
+    """:meth:`LocalizationModel.predict` from raw outputs ``{"logits", "boxes"}``."""
+    logits, boxes = outputs["logits"].float(), outputs["boxes"].float().clamp(0.0, 1.0)
+    n, num_classes = logits.shape
+    scores, classes = logits.softmax(-1).topk(min(k, num_classes), dim=-1)
+    class_boxes = boxes if boxes.dim() == 3 else boxes[:, None].expand(n, num_classes, 4)
+    picked = class_boxes.gather(1, classes[..., None].expand(-1, -1, 4))
+    return {"classes": classes, "scores": scores, "boxes": picked, "class_boxes": class_boxes}
+
+
+def localization_loss(
+    outputs: Dict[str, torch.Tensor], labels: torch.Tensor, boxes: torch.Tensor, *, cls_weight: float = 1.0,
+    l1_weight: float = 5.0, giou_weight: float = 2.0,
+) -> Dict[str, torch.Tensor]:
+    """Cross-entropy + L1 + generalized IoU (Rezatofighi et al., 2019), DETR's weights by default.
+
+    Args:
+        outputs: the model's ``{"logits": (N, K), "boxes": (N, 4) | (N, K, 4)}``.
+        labels: (N,) target classes 0..K-1; for pcr they pick the box that is trained.
+        boxes: (N, 4) target boxes, normalised xyxy.
+        cls_weight, l1_weight, giou_weight: the terms' weights (the L1 is the mean over the 4
+            coordinates, the GIoU loss the mean over images).
+
+    Returns:
+        ``{"loss_cls", "loss_l1", "loss_giou"}``, already weighted (their sum is the training loss).
+    """
+    logits, pred = outputs["logits"], outputs["boxes"].float()
+    labels = labels.long()
+    if pred.dim() == 3:
+        pred = pred[torch.arange(len(labels), device=pred.device), labels]
+    if pred.shape != boxes.shape:
+        raise ValueError(f"predicted boxes {tuple(pred.shape)} and targets {tuple(boxes.shape)} differ; "
+                         "targets must be (N, 4) normalised xyxy")
+    boxes = boxes.to(pred.dtype)
+    return {
+        "loss_cls": cls_weight * F.cross_entropy(logits.float(), labels),
+        "loss_l1": l1_weight * F.l1_loss(pred, boxes),
+        "loss_giou": giou_weight * generalized_box_iou_loss(pred, boxes, reduction="mean"),
+    }
+
+
+_CLASSIFIER_ONLY_KWARGS = ("num_classes", "in_chans", "drop_rate", "global_pool")
+
+
+def build_localizer(
+    backbone_name: Optional[str], num_classes: int, mode: str = "scr", pretrained: Union[bool, str, os.PathLike, None] = None,
+    *, cls_checkpoint: Union[str, os.PathLike, None] = None, in_chans: int = 3, grid: Optional[int] = None,
+    input_size: Optional[int] = None, box_channels: int = 128, hidden: int = 256, drop_rate: float = 0.0,
+    **backbone_kwargs,
+) -> LocalizationModel:
+    """Build a :class:`LocalizationModel`.
+
+    Args:
+        backbone_name: a registered model (``resnet18``, ``resnet20``...); with ``cls_checkpoint``
+            it may be None (the checkpoint's architecture is used) and must otherwise match it.
+        num_classes: K.
+        mode: ``"scr"`` or ``"pcr"``.
+        pretrained: backbone weights (``create_backbone``'s argument: a tag, True, or a file such as
+            an ImageNet checkpoint or a ``train_cls.py`` checkpoint; grey-level checkpoints are
+            adapted to ``in_chans`` by :func:`~res_backbone.pretrained.load_into`).
+        cls_checkpoint: a ``train_cls.py`` checkpoint: its backbone and classifier are loaded and
+            frozen, only the box branch trains (its classifier must have ``num_classes`` outputs).
+        in_chans: input channels (3: the data pipelines give RGB).
+        grid: see :class:`LocalizationHead`; None: the side of the last feature map at ``input_size``
+            (``ceil(input_size / stride)``, at most 4), or 3 without ``input_size``.
+        input_size: the side of the (square) training images, for the automatic ``grid``.
+        box_channels, hidden, drop_rate: see :class:`LocalizationHead`.
+        **backbone_kwargs: other ``create_backbone`` options (``norm``, ``frozen_stages``...).
+
+    Raises:
+        NumClassesMismatchError: the classifier of ``cls_checkpoint`` has another number of classes.
+        CheckpointMismatchError: ``cls_checkpoint`` is not a classification checkpoint.
+    """
+    fc = None
+    if cls_checkpoint is not None:
+        if pretrained:
+            raise ValueError("give either pretrained= (backbone weights, joint training) or cls_checkpoint= "
+                             "(a frozen classifier), not both")
+        sd, meta = read_checkpoint(cls_checkpoint)
+        name = meta.get("model_name") or meta.get("arch")
+        if not name:
+            raise CheckpointMismatchError(f"{cls_checkpoint}: no 'model_name' entry; expected a tools/train_cls.py "
+                                          "checkpoint")
+        if backbone_name and backbone_name != name:
+            raise ValueError(f"--backbone {backbone_name} but {cls_checkpoint} holds a {name}; leave --backbone out "
+                             "or make them agree")
+        if "fc.weight" not in sd:
+            raise CheckpointMismatchError(f"{cls_checkpoint}: no classifier (fc.weight) to build on")
+        if sd["fc.weight"].shape[0] != num_classes:
+            raise NumClassesMismatchError(
+                f"{cls_checkpoint}: its classifier has {sd['fc.weight'].shape[0]} classes but the localization data "
+                f"has {num_classes}")
+        backbone_name, pretrained, fc = name, cls_checkpoint, (sd["fc.weight"], sd["fc.bias"])
+        saved = {k: v for k, v in dict(meta.get("model_kwargs") or {}).items() if k not in _CLASSIFIER_ONLY_KWARGS}
+        backbone_kwargs = {**saved, **backbone_kwargs}
+    if not backbone_name:
+        raise ValueError("build_localizer needs a backbone name (or a cls_checkpoint naming one)")
+    backbone = create_backbone(backbone_name, pretrained=pretrained or False, in_chans=in_chans, **backbone_kwargs)
+    if grid is None:
+        stride = backbone.feature_info[-1]["reduction"]
+        grid = min(4, max(1, math.ceil(input_size / stride))) if input_size else 3
+    head = LocalizationHead(backbone.feature_info[-1]["num_chs"], num_classes, mode, grid=grid,
+                            box_channels=box_channels, hidden=hidden, drop_rate=drop_rate,
+                            in_features=backbone.feature_info[-1]["name"])
+    model = LocalizationModel(backbone, head)
+    model.build_kwargs = dict(backbone_name=backbone_name, num_classes=num_classes, mode=mode, in_chans=in_chans,
+                              grid=grid, box_channels=box_channels, hidden=hidden, drop_rate=drop_rate,
+                              **backbone_kwargs)
+    if fc is not None:
+        with torch.no_grad():
+            head.cls.fc.weight.copy_(fc[0])
+            head.cls.fc.bias.copy_(fc[1])
+        model.freeze_classifier()
+    return model
+
+
+def load_localizer(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu"
+                   ) -> Tuple[LocalizationModel, dict]:
+    """Rebuild a ``tools/train_loc.py`` checkpoint's model (eval mode) and return ``(model, checkpoint)``.
+
+    Raises:
+        FileNotFoundError, CheckpointMismatchError: unreadable files or weights that do not fit.
+    """
+    from res_backbone.engine.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(Path(path))
+    kwargs = ck.get("localizer_kwargs")
+    if not isinstance(kwargs, dict) or "backbone_name" not in kwargs:
+        raise CheckpointMismatchError(f"{path}: no 'localizer_kwargs'; not a tools/train_loc.py checkpoint")
+    model = build_localizer(**kwargs)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointMismatchError(f"{path}: weights do not fit the model they describe ({e})") from e
+    model.backbone.pretrained_cfg = dict(ck.get("pretrained_cfg") or {})
+    return model.to(map_location).eval(), ck

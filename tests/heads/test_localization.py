@@ -1,0 +1,167 @@
+"""LocalizationHead / LocalizationModel: shapes of both modes, predict, the loss, frozen-classifier builds."""
+import pytest
+import torch
+
+from heads import LocalizationHead, LocalizationModel, build_localizer, load_localizer, localization_loss
+from heads.classification import NumClassesMismatchError
+from res_backbone import create_backbone, create_model
+
+K = 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, two threads per op wait on each other (3-10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20"])
+@pytest.mark.parametrize("mode", ["scr", "pcr"])
+def test_output_shapes_and_box_format(name, mode):
+    model = build_localizer(name, K, mode).eval()
+    out = model(torch.randn(2, 3, 64, 48))
+    assert out["logits"].shape == (2, K)
+    assert out["boxes"].shape == ((2, 4) if mode == "scr" else (2, K, 4))
+    b = out["boxes"]
+    assert torch.all(b[..., 2] >= b[..., 0]) and torch.all(b[..., 3] >= b[..., 1])  # never inverted
+    # the zero-initialised last layer starts every box centred at half size
+    assert torch.allclose(b, torch.tensor([0.25, 0.25, 0.75, 0.75]).expand_as(b))
+    # the head reads the backbone's last level, whatever it is called (res4 for the CIFAR nets)
+    assert model.head.in_features == model.backbone.feature_info[-1]["name"]
+
+
+def test_predict_returns_the_box_of_each_predicted_class():
+    model = build_localizer("resnet20", K, "pcr").eval()
+    with torch.no_grad():
+        model.head.box_fc[-1].bias.copy_(torch.randn(4 * K))  # a different box per class
+    x = torch.randn(3, 3, 32, 32)
+    pred = model.predict(x, k=3)
+    assert pred["classes"].shape == (3, 3) and pred["scores"].shape == (3, 3) and pred["boxes"].shape == (3, 3, 4)
+    assert pred["class_boxes"].shape == (3, K, 4)
+    assert torch.all(pred["scores"][:, :-1] >= pred["scores"][:, 1:])  # best first
+    raw = model(x)
+    for i in range(3):
+        for j in range(3):
+            c = int(pred["classes"][i, j])
+            assert torch.allclose(pred["boxes"][i, j], raw["boxes"][i, c].clamp(0, 1))
+    assert model.predict(x, k=50)["classes"].shape == (3, K)  # k capped at K
+
+
+def test_scr_predict_repeats_its_one_box():
+    model = build_localizer("resnet20", K, "scr").eval()
+    pred = model.predict(torch.randn(2, 3, 32, 32), k=K)
+    assert torch.equal(pred["boxes"], pred["boxes"][:, :1].expand(-1, K, -1))
+
+
+def test_loss_terms_and_pcr_trains_only_the_true_class_box():
+    out = {"logits": torch.zeros(2, K, requires_grad=True), "boxes": torch.rand(2, K, 4).sort(-1).values.requires_grad_()}
+    labels, boxes = torch.tensor([1, 3]), torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8]])
+    losses = localization_loss(out, labels, boxes, cls_weight=1.0, l1_weight=5.0, giou_weight=2.0)
+    assert set(losses) == {"loss_cls", "loss_l1", "loss_giou"}
+    assert losses["loss_cls"].item() == pytest.approx(torch.log(torch.tensor(float(K))).item(), rel=1e-5)
+    sum(losses.values()).backward()
+    grad = out["boxes"].grad.abs().sum(-1)
+    assert grad[0, 1] > 0 and grad[1, 3] > 0
+    assert grad[0].sum() == grad[0, 1] and grad[1].sum() == grad[1, 3]
+    perfect = {"logits": torch.tensor([[0.0, 50, 0, 0, 0]]), "boxes": boxes[:1]}
+    zero = localization_loss(perfect, labels[:1], boxes[:1])
+    assert all(v.item() == pytest.approx(0.0, abs=1e-5) for v in zero.values())
+    with pytest.raises(ValueError, match="targets"):
+        localization_loss({"logits": out["logits"], "boxes": torch.rand(2, 4)}, labels, boxes[:, :2])
+
+
+@pytest.mark.parametrize("mode", ["scr", "pcr"])
+def test_loss_decreases_on_a_tiny_overfit(mode):
+    torch.manual_seed(0)
+    model = build_localizer("resnet20", K, mode, hidden=64, box_channels=32)
+    x = torch.randn(8, 3, 16, 16)
+    labels = torch.arange(8) % K
+    boxes = torch.rand(8, 2).mul(0.4)
+    boxes = torch.cat([boxes, boxes + 0.3 + torch.rand(8, 2) * 0.3], 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(25):
+        loss = sum(localization_loss(model(x), labels, boxes).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.5 * first
+
+
+def _fake_cls_checkpoint(path, num_classes=K, in_chans=1):
+    model = create_model("resnet20", num_classes=num_classes, in_chans=in_chans)
+    torch.save({"model": model.state_dict(), "model_name": "resnet20",
+                "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": 0.0},
+                "pretrained_cfg": {"mean": [0.286], "std": [0.353], "input_size": [in_chans, 28, 28],
+                                   "num_classes": num_classes, "tag": None, "source": "res_backbone"},
+                "classes": [f"c{i}" for i in range(num_classes)], "task": "classification"}, path)
+    return model
+
+
+def test_on_top_of_a_frozen_grey_level_classifier(tmp_path):
+    ck = tmp_path / "cls.pt"
+    cls_model = _fake_cls_checkpoint(ck).eval()
+    model = build_localizer(None, K, "pcr", cls_checkpoint=ck)
+    assert model.frozen_classifier and model.build_kwargs["backbone_name"] == "resnet20"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("head.box_reduce", "head.box_fc")) for n in trainable)
+    model.train()
+    assert not model.backbone.training and not model.head.cls.training and model.head.box_fc.training
+    # grey image repeated on 3 channels -> the RGB-adapted classifier gives the original logits
+    grey = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(grey.expand(-1, 3, -1, -1))["logits"], cls_model(grey), atol=1e-4)
+    assert model.pretrained_cfg["mean"] == [0.286]
+    with pytest.raises(NumClassesMismatchError):
+        build_localizer(None, K + 1, "scr", cls_checkpoint=ck)
+    with pytest.raises(ValueError, match="resnet20"):
+        build_localizer("resnet18", K, "scr", cls_checkpoint=ck)
+
+
+def test_head_checks_and_model_wiring():
+    with pytest.raises(ValueError, match="mode"):
+        LocalizationHead(64, K, "both")
+    backbone = create_backbone("resnet20")
+    with pytest.raises(ValueError, match="channels"):
+        LocalizationModel(backbone, LocalizationHead(32, K))
+    model = LocalizationModel(backbone, LocalizationHead(64, K, grid=2))
+    assert model.head.in_features == "res4"
+
+
+def test_load_localizer_round_trip(tmp_path):
+    model = build_localizer("resnet20", K, "pcr", grid=2).eval()
+    path = tmp_path / "loc.pt"
+    torch.save({"model": model.state_dict(), "localizer_kwargs": model.build_kwargs,
+                "pretrained_cfg": {"mean": [0.5] * 3, "std": [0.2] * 3}}, path)
+    loaded, ck = load_localizer(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["boxes"], model(x)["boxes"])
+    assert loaded.pretrained_cfg["mean"] == [0.5] * 3 and not loaded.training
+    torch.save({"model": model.state_dict()}, path)
+    with pytest.raises(Exception, match="localizer_kwargs"):
+        load_localizer(path)
+
+
+def test_flip_tta_is_mirror_equivariant():
+    model = build_localizer("resnet20", K, "pcr").eval()
+    with torch.no_grad():
+        model.head.box_fc[-1].bias.copy_(torch.randn(4 * K))
+    x = torch.randn(2, 3, 32, 32)
+    a, b = model.predict(x, k=K, flip=True), model.predict(x.flip(-1), k=K, flip=True)
+    assert torch.equal(a["classes"], b["classes"]) and torch.allclose(a["scores"], b["scores"], atol=1e-5)
+    mirrored = torch.stack([1 - b["boxes"][..., 2], b["boxes"][..., 1], 1 - b["boxes"][..., 0], b["boxes"][..., 3]], -1)
+    assert torch.allclose(a["boxes"], mirrored, atol=1e-5)
+    assert not torch.allclose(model.predict(x, k=K)["scores"], a["scores"])  # it does change the prediction
+
+
+def test_automatic_grid_follows_the_last_map():
+    assert build_localizer("resnet18", K, input_size=64).head.grid == 2  # 64 / 32
+    assert build_localizer("resnet18", K, input_size=96).head.grid == 3
+    assert build_localizer("resnet18", K, input_size=224).head.grid == 4  # 7, capped
+    assert build_localizer("resnet18", K).head.grid == 3
+    assert build_localizer("resnet18", K, grid=5, input_size=64).head.grid == 5

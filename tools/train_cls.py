@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Train an image classifier (any registered ResNet, CIFAR-style ResNet or plain twin) and evaluate it.
+
+    python tools/train_cls.py --config configs/cls/fmnist_resnet20.yaml    # Fashion-MNIST, ~7-8 min, quiet 2-core CPU
+    python tools/train_cls.py --config configs/cls/fmnist_resnet20.yaml --backbone plain20 \\
+        --output runs/fmnist_plain20                                          # the plain twin, same recipe
+    python tools/train_cls.py --backbone resnet50 --pretrained auto --train-dir data/train --val-dir data/val \\
+        --input-size 224 --epochs 30 --batch-size 256 --amp bf16 --channels-last --device cuda --output runs/r50
+    python tools/train_cls.py --config configs/cls/fmnist_resnet20.yaml --resume auto   # continue a stopped run
+
+Data: Fashion-MNIST by default (Debian's dataset-fashion-mnist package, or --data-dir; its 10k test
+images are the validation split), or ImageFolder trees (--train-dir/--val-dir: one sub-folder per
+class). Defaults follow the ResNet paper: SGD momentum 0.9, weight decay 1e-4 (not on norms and
+biases), lr 0.1 x batch/256 with warmup then step (x0.1 at 50% and 75%) or cosine decay; training
+augmentation is pad-4 + random crop + flip for Fashion-MNIST and random-resized crop + flip for
+folders. Flags override --config values.
+
+Writes into --output: config.yaml (every resolved option; --config it to rerun), checkpoint_last.pt
+(atomic, every epoch and every --checkpoint-every iterations; checkpoint_prev.pt keeps the one
+before), checkpoint_best.pt (lowest val top-1 error), log.jsonl and TensorBoard events (tb/),
+metrics.json (top1_err, top5_err in percent, best_top1_err, train_time_s, img_per_s, per-class
+accuracy). Checkpoints load with create_model(name, num_classes=K, in_chans=C, pretrained=path) and
+create_backbone(name, pretrained=path).
+
+Exit codes: 0 done, 2 bad arguments or input, 3 non-finite losses, 143 stopped by SIGTERM/SIGINT
+after writing a checkpoint (rerun with --resume auto to continue).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from res_backbone import list_models  # noqa: E402
+from res_backbone.engine.config import opt_float, opt_int  # noqa: E402
+
+log = logging.getLogger("train_cls")
+
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), "
+                                    "e.g. configs/cls/fmnist_resnet20.yaml or a run's config.yaml")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="resnet20", choices=list_models(), metavar="NAME",
+                   help=f"registered model: {', '.join(list_models())} (default resnet20)")
+    g.add_argument("--pretrained", default=None,
+                   help="initial weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, "
+                        "a1_in1k) or a checkpoint path (e.g. another train_cls.py run); a classifier of another "
+                        "size is dropped and re-initialised. Default: none (from scratch)")
+    g.add_argument("--num-classes", type=opt_int, default=None,
+                   help="classifier outputs; checked against the data's class count (default: taken from the data)")
+    g.add_argument("--in-chans", type=opt_int, default=None, choices=(None, 1, 3), metavar="{1,3}",
+                   help="input channels: 1 (grey) or 3 (RGB; grey images are repeated). Default 1 for Fashion-MNIST, "
+                        "3 for image folders")
+    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier (default 0)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST folder with the four idx files (default $RB_FASHION_MNIST or "
+                        "/usr/share/datasets/fashion-mnist: sudo apt-get install dataset-fashion-mnist)")
+    d.add_argument("--train-dir", default=None, help="ImageFolder training tree: <dir>/<class name>/<images>")
+    d.add_argument("--val-dir", default=None, help="ImageFolder validation tree with the same class folders")
+    d.add_argument("--limit-train", type=opt_int, default=None, help="use only this many training images (quick runs)")
+    d.add_argument("--limit-val", type=opt_int, default=None, help="use only this many validation images")
+    d.add_argument("--input-size", type=int, default=224,
+                   help="image folders: training crop side (default 224); Fashion-MNIST keeps its 28x28")
+    d.add_argument("--resize", type=opt_int, default=None,
+                   help="image folders, evaluation: shorter side before the centre crop (default crop/0.875)")
+    d.add_argument("--crop", type=opt_int, default=None,
+                   help="image folders, evaluation crop side (default --input-size; a crop larger than --resize "
+                        "resizes to the crop first)")
+    d.add_argument("--augment", default="auto", choices=("auto", "pad_crop", "rrc", "flip", "none"),
+                   help="training augmentation: auto = pad_crop (pad 4, random crop, flip) for Fashion-MNIST and "
+                        "rrc (random-resized crop, flip) for image folders")
+    d.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"),
+                   help="resize interpolation for image folders")
+    d.add_argument("--workers", type=opt_int, default=None,
+                   help="DataLoader worker processes (default 0 for Fashion-MNIST, whose batches are built in "
+                        "the main process at a few ms each; min(8, CPUs) for image folders)")
+    d.add_argument("--threads", type=opt_int, default=None,
+                   help="CPU threads for torch (default: one per core). On a machine shared with other jobs, 1 "
+                        "can be several times faster than 2 (threads of one op wait for each other)")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
+    t.add_argument("--max-iters", type=opt_int, default=None,
+                   help="stop after this many iterations (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, default=128, help="images per iteration (default 128)")
+    t.add_argument("--lr", type=opt_float, default=None, help="base learning rate (default 0.1 x batch-size / 256)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="weight decay (default 1e-4), not applied to norms and biases")
+    t.add_argument("--schedule", default="step", choices=("step", "cosine", "constant"),
+                   help="decay after warmup, per iteration: step (x0.1 at each --milestones) or cosine to 0")
+    t.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75],
+                   help="step schedule: x0.1 at these fractions of the run, or absolute iterations if >= 1 "
+                        "(default 0.5 0.75, the paper's 32k and 48k of 64k)")
+    t.add_argument("--warmup-iters", type=int, default=100,
+                   help="linear warmup from lr/1000 over this many iterations (default 100)")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default 0)")
+    t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
+    t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                   help="mixed precision: bf16 (CPUs with AVX512-BF16/AMX, recent GPUs) or fp16 (CUDA, with a "
+                        "grad scaler)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last memory format for the model and batches")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    t.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resumes on GPU)")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    r = p.add_argument_group("run")
+    r.add_argument("--output", default="runs/cls", help="run folder for checkpoints, logs and metrics")
+    r.add_argument("--resume", default=None,
+                   help="'auto' (newest valid checkpoint in --output, else start fresh) or a checkpoint path; "
+                        "the model, classes and channels must match")
+    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs, and always at the end")
+    r.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="also checkpoint every N iterations (0: only at epoch ends and on SIGTERM)")
+    r.add_argument("--log-every", type=int, default=50, help="log training loss/error every N iterations")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parser = build_parser()
+    from res_backbone.engine import config as cfgmod
+
+    try:
+        args = cfgmod.parse_with_config(parser, argv)
+    except cfgmod.ConfigError as e:
+        parser.error(str(e))
+    from res_backbone.engine import cls_run
+    from res_backbone.engine.checkpoint import CorruptCheckpointError
+    from res_backbone.engine.step import NonFiniteLossError
+    from res_backbone.pretrained import CheckpointMismatchError
+
+    fields = set(cls_run.ClsTrainConfig.__dataclass_fields__)
+    cfg = cls_run.ClsTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        metrics = cls_run.run(cfg)
+    except cls_run.Preempted as e:
+        log.warning("%s", e)
+        return cls_run.EXIT_PREEMPTED
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        return 3
+    except (OSError, ValueError, CheckpointMismatchError, CorruptCheckpointError) as e:
+        # OSError covers missing files and undecodable images (DataLoader workers re-raise them
+        # with their traceback in the message: the last line names the file).
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        log.error("%s", lines[-1] if len(lines) > 1 and "Traceback" in str(e) else str(e))
+        return 2
+    if metrics:
+        top5, best = metrics.get("top5_err"), metrics.get("best_top1_err")
+        print(f"top-1 err {metrics.get('top1_err', float('nan')):.2f}%"
+              + (f"  top-5 err {top5:.2f}%" if top5 is not None else "")
+              + (f"  best top-1 err {best:.2f}%" if best is not None else "")
+              + f"  ({metrics['train_time_s']:.0f} s training, {metrics['img_per_s']} img/s)"
+              + f"  ->  {Path(cfg.output) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Train a single-object localizer (a class and a box per image) on ResNet features, then evaluate it.
+
+    python tools/train_loc.py --config configs/loc/fmnist_resnet18.yaml          # built-in Fashion-MNIST set
+    python tools/train_loc.py --backbone resnet50 --pretrained auto --mode pcr \\
+        --train-json train.json --train-images train/ --val-json val.json --val-images val/ --output runs/loc
+    python tools/train_loc.py --cls-checkpoint runs/cls/checkpoint_best.pt ...  # boxes on a frozen classifier
+
+Without data flags the built-in set is rendered into --data-dir (once; reused while its options
+match): Fashion-MNIST items pasted at random position, size and colour on textured canvases, train
+items for training and unseen test items for validation, in COCO format. With COCO json, the
+largest non-crowd box of each image is its target (images without one are skipped and counted);
+--all-boxes scores predictions against every box of the image.
+
+Modes: scr = one class-agnostic box per image, pcr = one box per class (the box of each predicted
+class is used). The model trains jointly with a classifier (cross-entropy + L1 + GIoU), or with
+--cls-checkpoint only the box branch trains on top of a frozen train_cls.py classifier.
+
+Writes into --output: config.yaml (every resolved option), checkpoint_last.pt (atomic; also every
+--checkpoint-every iterations; checkpoint_prev.pt keeps the one before), checkpoint_best.pt (lowest
+val top-1 localization error), log.jsonl and TensorBoard events (tb/), metrics.json (ILSVRC top-1/top-5
+localization error: an image is wrong unless a predicted class is right AND its box has IoU >= 0.5
+with a ground-truth box of that class; top-1/top-5 classification error; mean IoU; localization error
+with the class known; per-class top-1 localization error; errors in percent) and predictions/*.png
+(val.png: the first val images, errors.png: the first mistakes; ground truth dashed green with its
+class, the top-1 prediction solid with class, score and IoU).
+
+Exit codes: 0 done, 2 bad arguments or input, 3 non-finite losses, 143 stopped by SIGTERM/SIGINT
+after writing a checkpoint (rerun with --resume auto to continue).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from res_backbone import list_models  # noqa: E402
+from res_backbone.engine.config import opt_float, opt_int  # noqa: E402
+
+log = logging.getLogger("train_loc")
+
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), "
+                                    "e.g. configs/loc/fmnist_resnet18.yaml")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default=None, choices=list_models(), metavar="NAME",
+                   help=f"registered ResNet, CIFAR net or plain twin: {', '.join(list_models())} (default resnet18; "
+                        "with --cls-checkpoint the checkpoint's architecture is used and must agree)")
+    g.add_argument("--pretrained", default=None,
+                   help="backbone weights for joint training: 'auto' (local torchvision/timm caches), a tag, or a path "
+                        "(an ImageNet file or a train_cls.py checkpoint; grey-level ones are adapted to RGB), or 'none' "
+                        "(from scratch, the default)")
+    g.add_argument("--mode", default="scr", choices=("scr", "pcr"),
+                   help="scr: one class-agnostic box; pcr: one box per class (default scr)")
+    g.add_argument("--cls-checkpoint", default=None,
+                   help="a train_cls.py checkpoint: its backbone and classifier are loaded and frozen, only the box "
+                        "branch trains (its class count must match the data)")
+    g.add_argument("--grid", type=opt_int, default=None,
+                   help="the box branch pools the last feature map to grid x grid (default: that map's side at "
+                        "--image-size, at most 4)")
+    g.add_argument("--box-channels", type=int, default=128, help="1x1 conv width of the box branch (default 128)")
+    g.add_argument("--hidden", type=int, default=256, help="hidden width of the box branch's MLP (default 256)")
+    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier (default 0)")
+    d = p.add_argument_group("data")
+    d.add_argument("--train-json", help="COCO annotations of the training split")
+    d.add_argument("--train-images", help="folder the training json's file_name entries are relative to")
+    d.add_argument("--val-json", help="COCO annotations of the validation split")
+    d.add_argument("--val-images", help="folder the validation json's file_name entries are relative to")
+    d.add_argument("--all-boxes", action="store_true",
+                   help="score against every non-crowd box of an image (a prediction is right if it matches any box "
+                        "of the predicted class); the largest box stays the training target")
+    d.add_argument("--data-dir", default=".cache/fmnist_loc", help="where the built-in set is rendered (default .cache/fmnist_loc)")
+    d.add_argument("--fmnist-root", default=None,
+                   help="Fashion-MNIST idx folder (default $RB_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
+    d.add_argument("--fmnist-train", type=int, default=30000, help="built-in training images (default 30000)")
+    d.add_argument("--fmnist-val", type=int, default=2000, help="built-in validation images (default 2000)")
+    d.add_argument("--canvas", type=int, default=64, help="built-in canvas side in px (default 64)")
+    d.add_argument("--item-scale", type=float, nargs=2, default=[28.0, 56.0], metavar=("MIN", "MAX"),
+                   help="built-in: the 28 px item frame is scaled to a side in [MIN, MAX] px (default 28 56)")
+    d.add_argument("--image-size", type=opt_int, default=None,
+                   help="images are resized to this square side (default: the canvas for the built-in set, 224 for COCO json)")
+    d.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip in training (default 0.5)")
+    d.add_argument("--no-photometric", dest="photometric", action="store_false", help="no colour jitter in training")
+    d.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: decode in the main process)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 is fastest when other jobs share the CPU")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=int, default=3, help="passes over the training split (default 3)")
+    t.add_argument("--max-iters", type=opt_int, default=None, help="stop after this many iterations (overrides --epochs)")
+    t.add_argument("--time-budget", type=opt_float, default=None, metavar="MIN",
+                   help="minutes of training (evaluation not counted): after 30 iterations the speed measured so far "
+                        "sets the number of iterations, and the schedule runs over them; --max-iters/--epochs cap it")
+    t.add_argument("--batch-size", type=int, default=64, help="images per iteration (default 64)")
+    t.add_argument("--lr", type=float, default=0.002, help="base learning rate (default 0.002, for adamw)")
+    t.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"), help="adamw (default) or sgd with momentum")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, default=0.05, help="weight decay, not applied to norms and biases (default 0.05)")
+    t.add_argument("--schedule", default="cosine", choices=("step", "cosine", "constant"), help="decay after warmup (default cosine)")
+    t.add_argument("--milestones", type=float, nargs="+", default=[0.67, 0.89],
+                   help="step schedule: x0.1 at these fractions of the run (or absolute iterations if >= 1)")
+    t.add_argument("--warmup-iters", type=int, default=50, help="linear warmup iterations (default 50)")
+    t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
+    t.add_argument("--cls-weight", type=float, default=1.0, help="weight of the cross-entropy term (default 1)")
+    t.add_argument("--l1-weight", type=float, default=5.0, help="weight of the L1 box term, normalised coordinates (default 5)")
+    t.add_argument("--giou-weight", type=float, default=2.0, help="weight of the generalized-IoU box term (default 2)")
+    t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 uses a grad scaler, CUDA)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on CPU)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the built-in set, data order, augmentation and initialisation")
+    t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible resumes)")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
+    r = p.add_argument_group("run")
+    r.add_argument("--output", default="runs/loc", help="run folder for checkpoints, logs, metrics and pictures")
+    r.add_argument("--resume", default=None,
+                   help="'auto' (newest valid checkpoint in --output) or a checkpoint path; default: start fresh")
+    r.add_argument("--checkpoint-every", type=int, default=200, help="also checkpoint every N iterations (default 200)")
+    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs, and always at the end")
+    r.add_argument("--log-every", type=int, default=20, help="log losses every N iterations")
+    r.add_argument("--num-pictures", type=int, default=16, help="images per picture grid in predictions/ (default 16)")
+    r.add_argument("--tta-flip", action="store_true",
+                   help="evaluate with test-time flips: class probabilities and boxes averaged with the mirrored image's")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parser = build_parser()
+    from res_backbone.engine import config as cfgmod
+
+    try:
+        args = cfgmod.parse_with_config(parser, argv)
+    except cfgmod.ConfigError as e:
+        parser.error(str(e))
+    from functools import partial
+
+    from heads.localization import build_localizer, localization_loss
+    from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
+    from res_backbone.engine import loc_run
+    from res_backbone.engine.checkpoint import CorruptCheckpointError
+    from res_backbone.engine.step import NonFiniteLossError
+    from res_backbone.pretrained import CheckpointMismatchError, PretrainedNotFoundError
+
+    out = Path(args.output)
+    fields = set(loc_run.LocTrainConfig.__dataclass_fields__)
+    cfg = loc_run.LocTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if cfg.backbone is None and not args.cls_checkpoint:
+        cfg.backbone = "resnet18"  # with --cls-checkpoint, None takes the checkpoint's architecture
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    loc_run.seed_everything(args.seed, args.deterministic)
+    try:
+        train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
+        # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
+        pretrained = {"auto": True, "none": None, "": None}.get(str(args.pretrained).lower(), args.pretrained)
+        model = build_localizer(
+            cfg.backbone, train_set.num_classes, args.mode, pretrained=pretrained,
+            cls_checkpoint=args.cls_checkpoint, grid=args.grid, input_size=cfg.image_size,
+            box_channels=args.box_channels, hidden=args.hidden,
+            drop_rate=args.drop_rate)
+        cfg.backbone = model.build_kwargs["backbone_name"]
+        cfg.localizer_kwargs = dict(model.build_kwargs)
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = cfgmod.resolved_config(args)
+        resolved.update({k: getattr(cfg, k) for k in ("backbone", "train_json", "train_images", "val_json",
+                                                      "val_images", "image_size")}, grid=model.build_kwargs["grid"])
+        cfgmod.dump_yaml(resolved, out / "config.yaml")
+        mean, std = loc_run.rgb_stats(model.pretrained_cfg)
+        model.backbone.pretrained_cfg = dict(model.pretrained_cfg, mean=list(mean), std=list(std),
+                                             input_size=[3, cfg.image_size, cfg.image_size])
+        data = loc_run.prepare_data(cfg, train_set, val_set, mean, std)
+        loss_fn = partial(localization_loss, cls_weight=args.cls_weight, l1_weight=args.l1_weight,
+                          giou_weight=args.giou_weight)
+        metrics = loc_run.fit(model, loss_fn, data, cfg)
+    except loc_run.Preempted as e:
+        log.warning("%s", e)
+        return loc_run.EXIT_PREEMPTED
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        return 3
+    except (FileNotFoundError, FashionMNISTNotFoundError, PretrainedNotFoundError, CheckpointMismatchError,
+            CorruptCheckpointError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    if metrics:
+        print(f"top-1 loc err {metrics['top1_loc_err']:.2f}%  top-5 loc err {metrics['top5_loc_err']:.2f}%  "
+              f"top-1 cls err {metrics['top1_cls_err']:.2f}%  mean IoU {metrics['mean_iou']:.3f}  "
+              f"gt-known loc err {metrics['gt_known_loc_err']:.2f}%  ({metrics['num_images']} val images)  ->  "
+              f"{out / 'metrics.json'}, {out / 'predictions'}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
