@@ -15,6 +15,14 @@ Two modes, after the ResNet paper's ImageNet localization (section A of its appe
 * ``"pcr"`` - per-class regression: one box per class; the loss trains the ground-truth class's box
   and ``predict`` returns, with each predicted class, that class's box.
 
+A second, R-CNN-style pass (``crop_size > 0``; the ResNet paper's ILSVRC localization entry classified
+its box proposals with a second network run on the cropped regions): the image region inside the box
+(enlarged by ``crop_context`` per side, resized to ``crop_size`` squared with RoIAlign) goes through the
+backbone's convolutions again (with normalisation layers of its own) and a second classifier scores it. The crop shows the object at one scale and with
+little background - what a classifier pre-trained on centred objects knows - so the class comes from
+where the object is, not from the whole canvas. Training crops come from jittered ground-truth boxes,
+test crops from the predicted box; the reported class probabilities are the mean of both classifiers'.
+
 "On top of a classifier": :func:`build_localizer` with ``cls_checkpoint=`` (a ``tools/train_cls.py``
 checkpoint) takes the backbone and the classifier from it, frozen (no gradients, BatchNorm
 statistics fixed); only the box branch trains.
@@ -65,11 +73,13 @@ class LocalizationHead(nn.Module):
         box_channels, hidden: widths of the box branch.
         drop_rate: dropout before the classifier.
         in_features: the level to read from a dict of levels (default: its last one).
+        crop_classifier: add ``crop_cls``, a second classification branch for the crop pass of
+            :class:`LocalizationModel` (same layout as ``cls``).
     """
 
     def __init__(self, in_channels: int, num_classes: int, mode: str = "scr", *, grid: int = 3,
                  box_channels: int = 128, hidden: int = 256, drop_rate: float = 0.0,
-                 in_features: Optional[str] = None):
+                 in_features: Optional[str] = None, crop_classifier: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be 'scr' (class-agnostic box) or 'pcr' (a box per class), got {mode!r}")
@@ -85,6 +95,8 @@ class LocalizationHead(nn.Module):
                                     nn.Linear(hidden, 4 * self.num_boxes))
         nn.init.zeros_(self.box_fc[-1].weight)
         nn.init.zeros_(self.box_fc[-1].bias)
+        self.crop_cls = (ClassificationHead(in_channels, num_classes, drop_rate=drop_rate, in_features=in_features)
+                         if crop_classifier else None)
 
     @property
     def in_features(self) -> Optional[str]:
@@ -104,16 +116,59 @@ class LocalizationHead(nn.Module):
         return {"logits": logits, "boxes": boxes[:, 0] if self.mode == "scr" else boxes}
 
 
+def tied_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are the original's (the same tensors, trained together),
+    except those of normalisation layers (BatchNorm and its frozen and group variants), which are copied:
+    one set of weights, two sets of normalisation statistics."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for (_, m), (_, t) in zip(module.named_modules(), twin.named_modules()):
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or "Norm" in type(m).__name__:
+            continue
+        for name, param in list(m.named_parameters(recurse=False)):
+            setattr(t, name, param)
+    return twin
+
+
 class LocalizationModel(nn.Module):
     """A backbone (``forward -> {level: map}`` with ``feature_info``) and a :class:`LocalizationHead`.
+
+    Args:
+        backbone, head: the two parts.
+        crop_size: side of the crop pass's input (0: no crop pass); see the module docstring.
+        crop_context: the box is enlarged by this fraction of its width/height on each side before cropping.
+        crop_jitter: in training, crops come from the ground-truth box with its centre moved and its
+            sides scaled by up to this fraction (what the predicted boxes' errors look like).
+        box_scale: with the crop pass, the first pass (box and first classifier) reads the image
+            downscaled by this factor (antialiased) while crops come from the full-resolution image:
+            the box needs little resolution, the class needs the object's own pixels. 0.5 makes the
+            first pass 4x cheaper.
 
     Attributes:
         frozen_classifier: True when the backbone and the classification branch are frozen (only the
             box branch trains); :meth:`train` then keeps them in eval mode.
     """
 
-    def __init__(self, backbone: nn.Module, head: LocalizationHead):
+    def __init__(self, backbone: nn.Module, head: LocalizationHead, *, crop_size: int = 0,
+                 crop_context: float = 0.08, crop_jitter: float = 0.1, box_scale: float = 1.0):
         super().__init__()
+        if not 0 < box_scale <= 1:
+            raise ValueError(f"box_scale must be in (0, 1], got {box_scale}")
+        if box_scale != 1 and not crop_size:
+            raise ValueError("box_scale < 1 only makes sense with the crop pass (crop_size > 0), which reads the "
+                             "full-resolution image")
+        self.box_scale = float(box_scale)
+        if crop_size and head.crop_cls is None:
+            raise ValueError("crop_size > 0 needs a head built with crop_classifier=True")
+        if crop_size < 0 or crop_context < 0 or crop_jitter < 0:
+            raise ValueError(f"crop_size, crop_context and crop_jitter must be >= 0, got {crop_size}, "
+                             f"{crop_context}, {crop_jitter}")
+        self.crop_size, self.crop_context, self.crop_jitter = int(crop_size), float(crop_context), float(crop_jitter)
+        # The crop pass shares every convolution with the backbone but keeps its own normalisation layers:
+        # crops (one centred object) and canvases (mostly background) have different activation statistics,
+        # and one set of BatchNorm statistics for both degrades the box branch.
+        self.crop_backbone = tied_copy(backbone) if crop_size else None
         info = {f["name"]: f for f in backbone.feature_info}
         if head.cls.in_features is None:
             head.cls.in_features = backbone.feature_info[-1]["name"]
@@ -145,9 +200,59 @@ class LocalizationModel(nn.Module):
             self.head.cls.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Images ``(N, C, H, W)`` -> ``{"logits": (N, K), "boxes": (N, 4) | (N, K, 4)}`` (normalised xyxy)."""
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, gt_boxes: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Images ``(N, C, H, W)`` -> ``{"logits": (N, K), "boxes": (N, 4) | (N, K, 4)}`` (normalised xyxy).
+
+        With the crop pass, also ``"crop_logits"`` (N, K): the crop classifier's scores for the region of
+        ``gt_boxes`` ((N, 4) normalised xyxy, jittered; training only) or of the predicted box (the
+        box of the top-1 class for pcr).
+        """
+        first = x
+        if self.box_scale != 1:
+            size = [max(1, round(d * self.box_scale)) for d in x.shape[-2:]]
+            first = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
+        out = self.head(self.backbone(first))
+        if self.crop_size:
+            if gt_boxes is not None and self.training:
+                boxes = self._jitter(gt_boxes.to(x.device).float())
+            else:
+                boxes = out["boxes"].detach().float()
+                if boxes.dim() == 3:
+                    boxes = boxes[torch.arange(len(boxes), device=boxes.device), out["logits"].argmax(-1)]
+            crops = self.crop(x, boxes)
+            out["crop_logits"] = self.head.crop_cls(self.head.cls.select(self.crop_backbone(crops)))
+        return out
+
+    def _jitter(self, boxes: torch.Tensor) -> torch.Tensor:
+        if not self.crop_jitter:
+            return boxes
+        wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-6)
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + (torch.rand_like(wh) * 2 - 1) * self.crop_jitter * wh
+        wh = wh * (1 + (torch.rand_like(wh) * 2 - 1) * self.crop_jitter)
+        return torch.cat((centre - wh / 2, centre + wh / 2), -1)
+
+    def crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The regions of ``boxes`` ((N, 4) normalised xyxy, one per image), enlarged by
+        ``crop_context`` per side, resampled to ``crop_size`` x ``crop_size`` (RoIAlign, bilinear)."""
+        from torchvision.ops import roi_align
+
+        h, w = x.shape[-2:]
+        scale = boxes.new_tensor([w, h, w, h])
+        wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1.0 / max(h, w))
+        b = torch.cat((boxes[:, :2] - self.crop_context * wh, boxes[:, 2:] + self.crop_context * wh), -1) * scale
+        rois = torch.cat((torch.arange(len(b), device=b.device, dtype=b.dtype)[:, None], b), 1)
+        crops = roi_align(x.float(), rois, self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        return crops.to(x.dtype).contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) and not x.is_contiguous() else crops.to(x.dtype)
+
+    @staticmethod
+    def class_log_probs(out: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reported class scores (log-probabilities): the classifier's, or with the crop pass the
+        mean of the two classifiers' probabilities."""
+        probs = out["logits"].float().softmax(-1)
+        if "crop_logits" in out:
+            probs = (probs + out["crop_logits"].float().softmax(-1)) / 2
+        return probs.clamp_min(1e-12).log()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, k: int = 5, flip: bool = False) -> Dict[str, torch.Tensor]:
@@ -165,11 +270,12 @@ class LocalizationModel(nn.Module):
             (N, K, 4) the box for every class; boxes normalised xyxy clamped to [0, 1].
         """
         out = self(x)
+        out = {"logits": self.class_log_probs(out), "boxes": out["boxes"]}
         if flip:
             mirrored = self(x.flip(-1))
             b = mirrored["boxes"].float()
             b = torch.stack((1.0 - b[..., 2], b[..., 1], 1.0 - b[..., 0], b[..., 3]), -1)
-            probs = (out["logits"].float().softmax(-1) + mirrored["logits"].float().softmax(-1)) / 2
+            probs = (out["logits"].exp() + self.class_log_probs(mirrored).exp()) / 2
             out = {"logits": probs.clamp_min(1e-12).log(), "boxes": (out["boxes"].float() + b) / 2}
         return topk_predictions(out, k)
 
@@ -198,7 +304,8 @@ def localization_loss(
             coordinates, the GIoU loss the mean over images).
 
     Returns:
-        ``{"loss_cls", "loss_l1", "loss_giou"}``, already weighted (their sum is the training loss).
+        ``{"loss_cls", "loss_l1", "loss_giou"}`` (and ``"loss_crop_cls"``, the crop classifier's
+        cross-entropy with ``cls_weight``, when the outputs have ``"crop_logits"``), already weighted (their sum is the training loss).
     """
     logits, pred = outputs["logits"], outputs["boxes"].float()
     labels = labels.long()
@@ -208,11 +315,14 @@ def localization_loss(
         raise ValueError(f"predicted boxes {tuple(pred.shape)} and targets {tuple(boxes.shape)} differ; "
                          "targets must be (N, 4) normalised xyxy")
     boxes = boxes.to(pred.dtype)
-    return {
+    losses = {
         "loss_cls": cls_weight * F.cross_entropy(logits.float(), labels),
         "loss_l1": l1_weight * F.l1_loss(pred, boxes),
         "loss_giou": giou_weight * generalized_box_iou_loss(pred, boxes, reduction="mean"),
     }
+    if "crop_logits" in outputs:
+        losses["loss_crop_cls"] = cls_weight * F.cross_entropy(outputs["crop_logits"].float(), labels)
+    return losses
 
 
 _CLASSIFIER_ONLY_KWARGS = ("num_classes", "in_chans", "drop_rate", "global_pool")
@@ -222,6 +332,7 @@ def build_localizer(
     backbone_name: Optional[str], num_classes: int, mode: str = "scr", pretrained: Union[bool, str, os.PathLike, None] = None,
     *, cls_checkpoint: Union[str, os.PathLike, None] = None, in_chans: int = 3, grid: Optional[int] = None,
     input_size: Optional[int] = None, box_channels: int = 128, hidden: int = 256, drop_rate: float = 0.0,
+    crop_size: int = 0, crop_context: float = 0.08, crop_jitter: float = 0.1, box_scale: float = 1.0,
     **backbone_kwargs,
 ) -> LocalizationModel:
     """Build a :class:`LocalizationModel`.
@@ -233,7 +344,8 @@ def build_localizer(
         mode: ``"scr"`` or ``"pcr"``.
         pretrained: backbone weights (``create_backbone``'s argument: a tag, True, or a file such as
             an ImageNet checkpoint or a ``train_cls.py`` checkpoint; grey-level checkpoints are
-            adapted to ``in_chans`` by :func:`~res_backbone.pretrained.load_into`).
+            adapted to ``in_chans`` by :func:`~res_backbone.pretrained.load_into`). A file whose
+            classifier has ``num_classes`` outputs also initialises the classification branch(es).
         cls_checkpoint: a ``train_cls.py`` checkpoint: its backbone and classifier are loaded and
             frozen, only the box branch trains (its classifier must have ``num_classes`` outputs).
         in_chans: input channels (3: the data pipelines give RGB).
@@ -241,6 +353,9 @@ def build_localizer(
             (``ceil(input_size / stride)``, at most 4), or 3 without ``input_size``.
         input_size: the side of the (square) training images, for the automatic ``grid``.
         box_channels, hidden, drop_rate: see :class:`LocalizationHead`.
+        crop_size, crop_context, crop_jitter, box_scale: the crop pass (see :class:`LocalizationModel`; 0: none);
+            its classifier starts as a copy of the classification branch (the pretrained one when
+            the weights carry a classifier).
         **backbone_kwargs: other ``create_backbone`` options (``norm``, ``frozen_stages``...).
 
     Raises:
@@ -274,20 +389,42 @@ def build_localizer(
     backbone = create_backbone(backbone_name, pretrained=pretrained or False, in_chans=in_chans, **backbone_kwargs)
     if grid is None:
         stride = backbone.feature_info[-1]["reduction"]
-        grid = min(4, max(1, math.ceil(input_size / stride))) if input_size else 3
+        grid = min(4, max(1, math.ceil(input_size * box_scale / stride))) if input_size else 3
+    if crop_size and fc is not None:
+        raise ValueError("the crop pass trains the backbone; it does not combine with cls_checkpoint= (a frozen "
+                         "classifier): pass the checkpoint as pretrained= instead")
     head = LocalizationHead(backbone.feature_info[-1]["num_chs"], num_classes, mode, grid=grid,
                             box_channels=box_channels, hidden=hidden, drop_rate=drop_rate,
-                            in_features=backbone.feature_info[-1]["name"])
-    model = LocalizationModel(backbone, head)
+                            in_features=backbone.feature_info[-1]["name"], crop_classifier=crop_size > 0)
+    model = LocalizationModel(backbone, head, crop_size=crop_size, crop_context=crop_context, crop_jitter=crop_jitter,
+                              box_scale=box_scale)
     model.build_kwargs = dict(backbone_name=backbone_name, num_classes=num_classes, mode=mode, in_chans=in_chans,
                               grid=grid, box_channels=box_channels, hidden=hidden, drop_rate=drop_rate,
-                              **backbone_kwargs)
-    if fc is not None:
+                              **({"crop_size": crop_size, "crop_context": crop_context, "crop_jitter": crop_jitter,
+                                  "box_scale": box_scale} if crop_size else {}), **backbone_kwargs)
+    frozen = fc is not None
+    if fc is None and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_file():
+        fc = _matching_classifier(pretrained, num_classes, head.in_channels)
+    if fc is not None:  # the weights' own classifier fits these classes: both branches start from it
         with torch.no_grad():
-            head.cls.fc.weight.copy_(fc[0])
-            head.cls.fc.bias.copy_(fc[1])
+            for branch in (head.cls, head.crop_cls):
+                if branch is not None:
+                    branch.fc.weight.copy_(fc[0])
+                    branch.fc.bias.copy_(fc[1])
+    if frozen:
         model.freeze_classifier()
     return model
+
+
+def _matching_classifier(path: Union[str, os.PathLike], num_classes: int, channels: int
+                         ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(fc.weight, fc.bias)`` of a weights file when its classifier has ``num_classes`` outputs over
+    ``channels`` features (a ``train_cls.py`` checkpoint of the same classes), else None."""
+    sd, _ = read_checkpoint(path)
+    w, b = sd.get("fc.weight"), sd.get("fc.bias")
+    if w is None or b is None or tuple(w.shape) != (num_classes, channels):
+        return None
+    return w, b
 
 
 def load_localizer(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu"

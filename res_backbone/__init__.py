@@ -13,6 +13,7 @@ from .layers import FrozenBatchNorm2d
 from .pretrained import CheckpointMismatchError, PretrainedNotFoundError
 from .registry import create_backbone, create_model, get_arch, list_models
 from .resnet import ResNet, ResNetBackbone
+from .serialization import load_safetensors, save_safetensors
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,6 @@ except ImportError as _e:  # pragma: no cover
 __all__ = [
     "BasicBlock", "Bottleneck", "CheckpointMismatchError", "FPN", "FrozenBatchNorm2d",
     "PretrainedNotFoundError", "ResNet", "ResNetBackbone", "ShapeSpec", "create_backbone",
-    "create_model", "fold_batchnorm", "get_arch", "list_models", "prepare_for_inference",
+    "create_model", "fold_batchnorm", "get_arch", "list_models", "load_safetensors", "prepare_for_inference",
+    "save_safetensors",
 ]

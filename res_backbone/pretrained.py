@@ -1,4 +1,4 @@
-"""Pretrained weights, offline: catalogue, cache lookup, file formats, checked loading.
+"""Pretrained weights, offline: cache lookup, file formats, checked loading (the catalogue: :mod:`.weights`).
 
 Nothing here touches the network. ``pretrained=True`` looks where torchvision
 (``$TORCH_HOME/hub/checkpoints/<file>``) and timm (the Hugging Face cache,
@@ -14,95 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .weights import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS, WeightsEntry, entries_for  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
-
-@dataclass(frozen=True)
-class WeightsEntry:
-    """One set of ImageNet weights that users may already have in a local cache.
-
-    ``source`` is ``"torchvision"`` (file ``filename`` in torch hub's ``checkpoints/``) or
-    ``"timm"`` (Hugging Face repo ``hf_repo``, file ``filename`` in a snapshot).
-    """
-
-    arch: str
-    tag: str
-    source: str
-    filename: str
-    hf_repo: Optional[str] = None
-    input_size: Tuple[int, int, int] = (3, 224, 224)
-    test_input_size: Optional[Tuple[int, int, int]] = None
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
-    num_classes: int = 1000
-    top1: Optional[float] = None  # the accuracy the source publishes, ImageNet-1k val
-
-    def pretrained_cfg(self) -> dict:
-        """The data-side config these weights expect (timm's ``pretrained_cfg`` keys)."""
-        cfg = {
-            "tag": self.tag,
-            "source": self.source,
-            "input_size": self.input_size,
-            "crop_pct": self.crop_pct,
-            "interpolation": self.interpolation,
-            "mean": self.mean,
-            "std": self.std,
-            "num_classes": self.num_classes,
-        }
-        if self.test_input_size:
-            cfg["test_input_size"] = self.test_input_size
-        return cfg
-
-
-def _tv(arch: str, tag: str, filename: str, resize: int, top1: float) -> WeightsEntry:
-    return WeightsEntry(arch, tag, "torchvision", filename, crop_pct=224 / resize, top1=top1)
-
-
-def _timm_a1(arch: str) -> WeightsEntry:
-    # timm's "a1" recipe (ResNet strikes back): trained at 224, evaluated at 288, bicubic, crop 0.95.
-    return WeightsEntry(
-        arch, "a1_in1k", "timm", "model.safetensors", hf_repo=f"timm/{arch}.a1_in1k",
-        test_input_size=(3, 288, 288), crop_pct=0.95, interpolation="bicubic",
-    )
-
-
-# torchvision: file names and top-1 from torchvision.models.ResNet*_Weights (V1 resize 256, V2 232).
-CATALOGUE: Tuple[WeightsEntry, ...] = (
-    _tv("resnet18", "tv_in1k", "resnet18-f37072fd.pth", 256, 69.758),
-    _tv("resnet34", "tv_in1k", "resnet34-b627a593.pth", 256, 73.314),
-    _tv("resnet50", "tv_in1k", "resnet50-0676ba61.pth", 256, 76.130),
-    _tv("resnet50", "tv2_in1k", "resnet50-11ad3fa6.pth", 232, 80.858),
-    _tv("resnet101", "tv_in1k", "resnet101-63fe2227.pth", 256, 77.374),
-    _tv("resnet101", "tv2_in1k", "resnet101-cd907fc2.pth", 232, 81.886),
-    _tv("resnet152", "tv_in1k", "resnet152-394f9c45.pth", 256, 78.312),
-    _tv("resnet152", "tv2_in1k", "resnet152-f82ba261.pth", 232, 82.284),
-    _timm_a1("resnet18"),
-    _timm_a1("resnet34"),
-    _timm_a1("resnet50"),
-    _timm_a1("resnet101"),
-    _timm_a1("resnet152"),
-)
+# The catalogue's data lives in :mod:`res_backbone.weights`; these names stay importable from here.
+CATALOGUE: Tuple[WeightsEntry, ...] = WEIGHTS
 
 DEFAULT_CFG = WeightsEntry("", "none", "none", "").pretrained_cfg() | {"tag": None, "source": None}
-
-
-def entries_for(arch: str) -> List[WeightsEntry]:
-    """Catalogue entries for ``arch``, in the order ``pretrained=True`` tries them."""
-    order = {"tv2_in1k": 0, "tv_in1k": 1, "a1_in1k": 2}
-    return sorted((e for e in CATALOGUE if e.arch == arch), key=lambda e: order.get(e.tag, 9))
 
 
 # ---------------------------------------------------------------------- cache locations
@@ -123,24 +50,43 @@ def hf_hub_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
-def candidate_paths(entry: WeightsEntry) -> List[Path]:
-    """Where ``entry``'s file would be, most likely first (existing or not)."""
-    if entry.source == "torchvision":
-        return [torch_hub_checkpoint_dir() / entry.filename]
-    repo_dir = hf_hub_cache_dir() / ("models--" + entry.hf_repo.replace("/", "--"))
+def hf_snapshot_paths(repo: str, filename: str, cache_dir: Optional[Path] = None) -> List[Path]:
+    """``filename`` in every snapshot of the hub repo ``repo`` (``refs/main``'s first) under
+    ``cache_dir`` (default :func:`hf_hub_cache_dir`); a ``<revision>`` placeholder when there is none."""
+    repo_dir = Path(cache_dir or hf_hub_cache_dir()) / ("models--" + repo.replace("/", "--"))
     paths: List[Path] = []
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
-        paths.append(repo_dir / "snapshots" / ref.read_text().strip() / entry.filename)
+        paths.append(repo_dir / "snapshots" / ref.read_text().strip() / filename)
     snapshots = repo_dir / "snapshots"
     if snapshots.is_dir():
-        paths += sorted(p / entry.filename for p in snapshots.iterdir() if p / entry.filename not in paths)
+        paths += sorted(p / filename for p in snapshots.iterdir() if p / filename not in paths)
     if not paths:
-        paths.append(snapshots / "<revision>" / entry.filename)
+        paths.append(snapshots / "<revision>" / filename)
+    return paths
+
+
+def candidate_paths(entry: WeightsEntry) -> List[Path]:
+    """Where ``entry``'s file would be, most likely first (existing or not).
+
+    torchvision weights: ``$TORCH_HOME/hub/checkpoints/<file>``, then timm's Hugging Face copy
+    (``timm/<arch>.tv_in1k``). timm weights: the hub snapshots, then the GitHub release file that
+    timm < 0.9 downloaded into torch hub's ``checkpoints/``.
+    """
+    hub = torch_hub_checkpoint_dir()
+    if entry.source == "torchvision":
+        paths = [hub / entry.filename]
+        if entry.hf_repo:
+            paths += hf_snapshot_paths(entry.hf_repo, entry.hf_filename)
+        return paths
+    paths = hf_snapshot_paths(entry.hf_repo, entry.filename)
+    if entry.legacy_filename:
+        paths.append(hub / entry.legacy_filename)
     return paths
 
 
 def find_local(entry: WeightsEntry) -> Optional[Path]:
+    """The first of :func:`candidate_paths` that exists, or ``None``."""
     return next((p for p in candidate_paths(entry) if p.is_file()), None)
 
 
@@ -158,7 +104,8 @@ def resolve(arch: str, pretrained: Union[bool, str, os.PathLike]) -> Tuple[Path,
     Args:
         arch: registered depth, e.g. ``"resnet50"`` (plain twins have no ImageNet weights).
         pretrained: ``True`` (first catalogued file found locally), a catalogue tag
-            (``"tv_in1k"``, ``"tv2_in1k"``, ``"a1_in1k"``), or a path to a checkpoint file.
+            (``"tv_in1k"``, ``"tv2_in1k"``, ``"a1_in1k"``, ``"a1h_in1k"``; torchvision's
+            ``"IMAGENET1K_V1"``/``"IMAGENET1K_V2"`` too), or a path to a checkpoint file.
 
     Raises:
         PretrainedNotFoundError: naming every directory searched and the file name to place there.
@@ -166,6 +113,7 @@ def resolve(arch: str, pretrained: Union[bool, str, os.PathLike]) -> Tuple[Path,
     if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool):
         text = os.fspath(pretrained)
         tags = {e.tag: e for e in entries_for(arch)}
+        tags.update({e.tv_weights: e for e in entries_for(arch) if e.tv_weights})
         if text in tags:
             candidates = [tags[text]]
         else:
@@ -209,20 +157,50 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tens
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from .serialization import read_safetensors  # JSON metadata of save_safetensors decoded
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-            meta = dict(f.metadata() or {})
-        return sd, meta
+        return read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, EOFError, RuntimeError (zip), ...
-        raise CheckpointMismatchError(
-            f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Files that need arbitrary pickled objects are refused; re-save the state dict with torch.save(model.state_dict())"
-        ) from e
+        raise CheckpointMismatchError(f"{path}: cannot be read as a weights-only checkpoint: {describe_load_error(e)}. "
+                                      "Re-save the state dict with torch.save(model.state_dict())") from e
     return unwrap_state_dict(obj, path)
+
+
+def describe_load_error(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line.
+
+    A pickled callable (``__reduce__`` returning ``(os.system, ...)``) fails with torch's long advice
+    to retry with ``weights_only=False``, which would run it; this names the refused global instead.
+    """
+    import pickle
+    import re
+
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(e, pickle.UnpicklingError) and found:
+        return (f"it carries a pickled reference to {found.group(1)}, code that weights-only loading refuses to "
+                "import or run (the file is not loaded; do not load it with weights_only=False unless you "
+                "trust its source)")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" + ("; it may be truncated or not a torch file" if not found else "")
+
+
+def mismatch_report(source: str, model: nn.Module, missing: List[str], unexpected: List[str],
+                    mismatched: List[str]) -> str:
+    """The lines of a :class:`CheckpointMismatchError`: missing and unexpected keys, shape mismatches (10 each)."""
+    def show(items: List[str]) -> str:
+        return ", ".join(items[:10]) + (f" ... (+{len(items) - 10} more)" if len(items) > 10 else "")
+
+    lines = [f"{source} does not fit {type(model).__name__}:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {show(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {show(unexpected)}")
+    if mismatched:
+        lines.append(f"  shape mismatches ({len(mismatched)}): {show(mismatched)}")
+    return "\n".join(lines)
 
 
 def unwrap_state_dict(obj, path: Union[str, os.PathLike] = "<checkpoint>") -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -318,18 +296,9 @@ def load_into(
         for k in sd if k in own and sd[k].shape != own[k].shape
     ]
     if missing or unexpected or mismatched:
-        def show(items: List[str]) -> str:
-            return ", ".join(items[:10]) + (f" ... (+{len(items) - 10} more)" if len(items) > 10 else "")
-
-        lines = [f"{source} does not fit {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {show(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {show(unexpected)}")
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {show(mismatched)}")
-        lines.append("  (is it the same depth, block type and norm? plain twins have no downsample.* keys)")
-        raise CheckpointMismatchError("\n".join(lines))
+        raise CheckpointMismatchError(
+            mismatch_report(source, model, missing, unexpected, mismatched)
+            + "\n  (is it the same depth, block type and norm? plain twins have no downsample.* keys)")
     model.load_state_dict(sd, strict=False)
     if dropped:
         log.info("%s: classifier %s not loaded (shape differs or model has none)", source, dropped)

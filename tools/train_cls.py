@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--augment", default="auto", choices=("auto", "pad_crop", "rrc", "flip", "none"),
                    help="training augmentation: auto = pad_crop (pad 4, random crop, flip) for Fashion-MNIST and "
                         "rrc (random-resized crop, flip) for image folders")
+    d.add_argument("--invert", type=float, default=0.0, metavar="P",
+                   help="training images are replaced by their negative with probability P (default 0): a classifier "
+                        "for objects that may be darker or lighter than their background, e.g. the step before "
+                        "train_loc.py on the built-in set")
     d.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"),
                    help="resize interpolation for image folders")
     d.add_argument("--workers", type=opt_int, default=None,

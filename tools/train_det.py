@@ -5,11 +5,19 @@
     python tools/train_det.py --backbone resnet101 --pretrained auto \\
         --train-json train.json --train-images train/ --val-json val.json --val-images val/ \\
         --epochs 12 --batch-size 8 --amp bf16 --output runs/r101
+    python tools/train_det.py --config configs/det/fmnist_transfer.yaml  # from a grey train_cls.py checkpoint
     torchrun --nproc_per_node 8 tools/train_det.py --device cuda ...   # DDP, one GPU per process
     torchrun --nproc_per_node 2 tools/train_det.py --device cpu ...    # DDP on CPU (gloo)
 
 Without data flags the embedded synthetic dataset (shapes on textured backgrounds, COCO format)
 is generated into --data-dir and used. Flags override --config values.
+
+--pretrained takes ImageNet files and train_cls.py checkpoints; the weights set the input side
+(res_backbone/transfer.py): a grey (1-channel) classifier gets its first conv as w/3 per colour channel
+and the RGB input is normalised with its grey mean/std repeated, so a grey picture gives the response
+the classifier learnt. Fine-tuning: --bn-policy frozen|norm_eval|trainable (default from the weights
+and the batch size), --frozen-stages, --freeze-backbone-iters, --backbone-lr-mult (the FPN is new and
+always trains at the full rate); the decisions are logged and stored in log.jsonl's start event.
 
 Writes into --output: config.yaml (every resolved option), checkpoint_last.pt (atomic; also every
 --checkpoint-every iterations; checkpoint_prev.pt keeps the one before), checkpoint_best.pt (best
@@ -17,8 +25,11 @@ val AP), log.jsonl and TensorBoard events (tb/), metrics.json (AP, AP50, AP75, A
 AR10, AR100, ARs, ARm, ARl, per-class AP), detections.json (COCO results, original category ids)
 and predictions/*.png (val images: predictions coloured by class, ground truth dashed).
 
-Exit codes: 0 done, 2 bad arguments or input, 3 non-finite losses, 143 stopped by SIGTERM/SIGINT
-after writing a checkpoint (rerun with --resume auto to continue).
+Exit codes: 0 done, 1 unexpected error (under torchrun the message names the rank that failed first),
+2 bad arguments or input, 3 non-finite losses (the last good checkpoint is kept), 143 stopped by
+SIGTERM/SIGINT after writing a checkpoint (rerun with --resume auto to continue; under
+`torchrun --max-restarts K` a dead worker restarts the group, which resumes from the newest valid
+checkpoint when --resume auto is given).
 """
 from __future__ import annotations
 
@@ -52,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frozen-stages", type=opt_int, default=None,
                    help="freeze stem..stage k (1 = stem, 2 = +res2, ... 5 = all); default 2 with --pretrained, 0 without")
     g.add_argument("--norm", default=None, choices=("bn", "frozen_bn", "sync_bn", "gn"),
-                   help="backbone normalisation; default frozen_bn with --pretrained, bn from scratch "
-                        "(sync_bn is the DDP choice for small per-GPU batches)")
+                   help="backbone normalisation layer (sync_bn is the DDP choice for small per-GPU batches); "
+                        "default: from --bn-policy")
+    g.add_argument("--bn-policy", default=None, choices=("frozen", "norm_eval", "trainable"),
+                   help="backbone BatchNorm while fine-tuning: frozen (FrozenBatchNorm: statistics and affine fixed), "
+                        "norm_eval (statistics fixed, affine trained), trainable; default frozen with --pretrained "
+                        "and fewer than 16 images per batch, else trainable")
     g.add_argument("--fpn-channels", type=int, default=256, help="FPN width (default 256)")
     g.add_argument("--representation-size", type=int, default=1024, help="width of the 2-FC box head (default 1024)")
     g.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
@@ -93,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-iters", type=int, default=100, help="linear warmup iterations (default 100)")
     t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
     t.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (fine-tuning)")
-    t.add_argument("--freeze-backbone-iters", type=int, default=0, help="keep the whole backbone frozen for the first N iterations")
+    t.add_argument("--freeze-backbone-iters", type=int, default=0,
+                   help="keep the pretrained backbone (not the FPN) frozen, BN statistics included, for the first N "
+                        "iterations, then train it")
     t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 uses a grad scaler, CUDA)")
     t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on CPU and tensor cores)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -109,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=int, default=20, help="log losses every N iterations")
     r.add_argument("--num-pictures", type=int, default=8, help="val images drawn into predictions/ (default 8)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    r.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a collective waits for the other torchrun ranks before failing (default 1800)")
     return p
 
 
@@ -137,10 +156,11 @@ def main(argv=None) -> int:
     from heads import build_detector
     from res_backbone.engine import det_run
     from res_backbone.engine.detection import NonFiniteLossError
-    from res_backbone.engine.distributed import cleanup, init_distributed
-    from res_backbone.pretrained import IMAGENET_MEAN, IMAGENET_STD
+    from res_backbone.engine.checkpoint import CorruptCheckpointError
+    from res_backbone.engine.distributed import cleanup, describe_failure, init_distributed
+    from res_backbone import transfer
 
-    dist = init_distributed(args.device)
+    dist = init_distributed(args.device, timeout_s=args.dist_timeout)
     out = Path(args.output)
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -152,24 +172,31 @@ def main(argv=None) -> int:
         pretrained = True if args.pretrained == "auto" else args.pretrained
         # The data decides the class count, the weights decide the normalisation.
         train_set, val_set = det_run.load_datasets(cfg, dist)
+        # The BN policy follows from the weights (and the batch size) unless --bn-policy/--norm say otherwise.
+        policy, norm, norm_eval = transfer.resolve_bn_policy(args.bn_policy, args.norm, pretrained=bool(pretrained),
+                                                             batch_size=args.batch_size)
         model = build_detector(
             backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch, pretrained=pretrained,
-            frozen_stages=args.frozen_stages, norm=args.norm, **_model_kwargs(cfg.model_kwargs),
+            frozen_stages=args.frozen_stages, norm=norm, **_model_kwargs(cfg.model_kwargs),
         )
+        # Input channels, mean/std (grey statistics repeated for RGB) and BN policy, logged and recorded.
+        cfg.transfer = transfer.configure_backbone(
+            model.backbone, bn_policy=policy, norm_eval=norm_eval, freeze_backbone_iters=args.freeze_backbone_iters,
+            backbone_lr_mult=args.backbone_lr_mult)
         if dist.is_main:  # every option's final value, data paths resolved
             out.mkdir(parents=True, exist_ok=True)
             resolved = cfgmod.resolved_config(args)
             resolved.update({k: getattr(cfg, k) for k in ("train_json", "train_images", "val_json", "val_images")})
+            resolved.update(bn_policy=None if policy == "gn" else policy, norm=norm,
+                            frozen_stages=model.backbone.frozen_stages)
             cfgmod.dump_yaml(resolved, out / "config.yaml")
         cfg.detector_kwargs = dict(backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch,
                                    norm=model.backbone.norm, **cfg.model_kwargs)
-        if args.norm == "sync_bn" and dist.enabled:
+        if norm == "sync_bn" and dist.enabled:
             import torch
 
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        pcfg = getattr(model.backbone, "pretrained_cfg", {}) or {}
-        mean, std = pcfg.get("mean", IMAGENET_MEAN), pcfg.get("std", IMAGENET_STD)
-        data = det_run.prepare_data(cfg, dist, train_set, val_set, mean, std)
+        data = det_run.prepare_data(cfg, dist, train_set, val_set, cfg.transfer["mean"], cfg.transfer["std"])
         metrics = det_run.fit(model, data, cfg, dist)
     except det_run.Preempted as e:
         log.warning("%s", e)
@@ -179,14 +206,19 @@ def main(argv=None) -> int:
         log.error("%s", e)
         cleanup()
         return 3
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CorruptCheckpointError) as e:
         log.error("%s", e)
         cleanup()
         return 2
+    except Exception as e:
+        if not dist.enabled:
+            raise
+        log.exception("%s", describe_failure(e))  # the peers' collectives fail next; they name this rank
+        return 1
     if dist.is_main and metrics:
         print(metrics.get("summary", ""))
         print(f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  ->  {out / 'metrics.json'}, "
-              f"{out / 'detections.json'}, {out / 'predictions'}/")
+              f"{out / 'detections.json'}, {out / 'predictions'}/  (peak RSS {metrics['peak_rss_mib']:.0f} MiB)")
     cleanup()
     return 0
 

@@ -16,6 +16,11 @@ Modes: scr = one class-agnostic box per image, pcr = one box per class (the box 
 class is used). The model trains jointly with a classifier (cross-entropy + L1 + GIoU), or with
 --cls-checkpoint only the box branch trains on top of a frozen train_cls.py classifier.
 
+Fine-tuning from --pretrained (res_backbone/transfer.py; grey weights: first conv w/3 per colour
+channel, grey mean/std repeated): --bn-policy frozen|norm_eval|trainable (default from the weights and
+the batch size), --frozen-stages, --freeze-backbone-iters, --backbone-lr-mult; the same flags as
+train_det.py, and YAML keys of the same names.
+
 Writes into --output: config.yaml (every resolved option), checkpoint_last.pt (atomic; also every
 --checkpoint-every iterations; checkpoint_prev.pt keeps the one before), checkpoint_best.pt (lowest
 val top-1 localization error), log.jsonl and TensorBoard events (tb/), metrics.json (ILSVRC top-1/top-5
@@ -68,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--box-channels", type=int, default=128, help="1x1 conv width of the box branch (default 128)")
     g.add_argument("--hidden", type=int, default=256, help="hidden width of the box branch's MLP (default 256)")
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier (default 0)")
+    g.add_argument("--crop-size", type=int, default=0,
+                   help="R-CNN-style second pass: the box's region, resampled to this side, goes through the backbone "
+                        "again and a second classifier; the class probabilities are the mean of both (0, the "
+                        "default: no second pass; 28 suits Fashion-MNIST items)")
+    g.add_argument("--crop-context", type=float, default=0.08,
+                   help="the crop pass enlarges the box by this fraction of its size on each side (default 0.08)")
+    g.add_argument("--crop-jitter", type=float, default=0.1,
+                   help="training crops come from the true box moved and scaled by up to this fraction (default 0.1)")
+    g.add_argument("--box-scale", type=float, default=1.0,
+                   help="with --crop-size: the first pass (box, first classifier) reads the image downscaled by this "
+                        "factor, crops come from the full-resolution image (default 1; 0.5 = a 4x cheaper first pass)")
     d = p.add_argument_group("data")
     d.add_argument("--train-json", help="COCO annotations of the training split")
     d.add_argument("--train-images", help="folder the training json's file_name entries are relative to")
@@ -107,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step schedule: x0.1 at these fractions of the run (or absolute iterations if >= 1)")
     t.add_argument("--warmup-iters", type=int, default=50, help="linear warmup iterations (default 50)")
     t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
+    f = p.add_argument_group("fine-tuning (with --pretrained; see res_backbone/transfer.py)")
+    f.add_argument("--freeze-backbone-iters", type=int, default=0,
+                   help="keep the pretrained backbone frozen, BN statistics included, for the first N iterations")
+    f.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (default 1)")
+    f.add_argument("--frozen-stages", type=opt_int, default=None,
+                   help="never train stem..stage k (1 = stem, 2 = +res2, ... 5 = all); default 0")
+    f.add_argument("--bn-policy", default=None, choices=("frozen", "norm_eval", "trainable"),
+                   help="backbone BatchNorm: frozen (FrozenBatchNorm: statistics and affine fixed), norm_eval "
+                        "(statistics fixed, affine trained), trainable; default frozen with --pretrained and fewer "
+                        "than 16 images per batch, else trainable")
     t.add_argument("--cls-weight", type=float, default=1.0, help="weight of the cross-entropy term (default 1)")
     t.add_argument("--l1-weight", type=float, default=5.0, help="weight of the L1 box term, normalised coordinates (default 5)")
     t.add_argument("--giou-weight", type=float, default=2.0, help="weight of the generalized-IoU box term (default 2)")
@@ -142,6 +168,7 @@ def main(argv=None) -> int:
 
     from heads.localization import build_localizer, localization_loss
     from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
+    from res_backbone import transfer
     from res_backbone.engine import loc_run
     from res_backbone.engine.checkpoint import CorruptCheckpointError
     from res_backbone.engine.step import NonFiniteLossError
@@ -161,11 +188,24 @@ def main(argv=None) -> int:
         train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
         # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
         pretrained = {"auto": True, "none": None, "": None}.get(str(args.pretrained).lower(), args.pretrained)
+        if args.cls_checkpoint and (args.bn_policy or args.frozen_stages or args.freeze_backbone_iters
+                                    or args.backbone_lr_mult != 1.0):
+            raise ValueError("--cls-checkpoint freezes the backbone and classifier (only the box branch trains); the "
+                             "fine-tuning flags apply to --pretrained")
+        # The BN policy follows from the weights and the batch size unless --bn-policy says otherwise.
+        policy, norm, norm_eval = transfer.resolve_bn_policy(
+            "frozen" if args.cls_checkpoint else args.bn_policy, None,
+            pretrained=bool(pretrained), batch_size=args.batch_size)
+        norm_kw = {} if norm == "bn" or args.cls_checkpoint else {"norm": norm}  # bn: rebuild keywords as before
         model = build_localizer(
             cfg.backbone, train_set.num_classes, args.mode, pretrained=pretrained,
             cls_checkpoint=args.cls_checkpoint, grid=args.grid, input_size=cfg.image_size,
-            box_channels=args.box_channels, hidden=args.hidden,
-            drop_rate=args.drop_rate)
+            box_channels=args.box_channels, hidden=args.hidden, drop_rate=args.drop_rate,
+            crop_size=args.crop_size, crop_context=args.crop_context, crop_jitter=args.crop_jitter,
+            box_scale=args.box_scale, **norm_kw)
+        cfg.transfer = transfer.configure_backbone(
+            model.backbone, bn_policy=policy, norm_eval=norm_eval, frozen_stages=args.frozen_stages,
+            freeze_backbone_iters=args.freeze_backbone_iters, backbone_lr_mult=args.backbone_lr_mult)
         cfg.backbone = model.build_kwargs["backbone_name"]
         cfg.localizer_kwargs = dict(model.build_kwargs)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 from .classification import (
     ClassificationDataError, ClsDatasets, ImageFolderClassification, TensorClassification, build_cls_datasets,
 )
-from .coco import CocoDetection, CocoFormatError, ImageDecodeError, load_rgb_image, safe_join
+from .coco import CocoDetection, CocoFormatError, ImageDecodeError, ImageTooLargeError, load_rgb_image, safe_join
 from .collate import collate_detection, pad_images
 from .localization import CocoLocalization, build_loc_eval_transforms, build_loc_train_transforms, collate_localization
 from .samplers import GroupedBatchSampler, build_grouped_batch_sampler, group_by_aspect_ratio
@@ -12,7 +12,8 @@ from .transforms import build_eval_transforms, build_train_transforms, worker_in
 __all__ = [
     "ClassificationDataError", "ClsDatasets", "ImageFolderClassification", "TensorClassification",
     "build_cls_datasets",
-    "CocoDetection", "CocoFormatError", "GroupedBatchSampler", "ImageDecodeError", "build_eval_transforms",
+    "CocoDetection", "CocoFormatError", "GroupedBatchSampler", "ImageDecodeError", "ImageTooLargeError",
+    "build_eval_transforms",
     "build_grouped_batch_sampler", "build_train_transforms", "collate_detection", "group_by_aspect_ratio",
     "load_rgb_image", "make_synthetic_coco", "pad_images", "safe_join", "synthetic_paths",
     "worker_init_fn",

@@ -132,7 +132,10 @@ class ImageFolderClassification(Dataset):
             :data:`IMG_EXTENSIONS`), or classes that differ from ``classes``.
 
     ``__getitem__`` raises :class:`~res_backbone.data.coco.ImageDecodeError` naming the file of an
-    image that cannot be decoded.
+    image that cannot be read or decoded (truncated, not an image, a format outside
+    ``coco.IMAGE_FORMATS``), its subclass ``ImageTooLargeError`` for one over ``coco.MAX_IMAGE_PIXELS``
+    (refused from the header, nothing decoded), or ``FileNotFoundError`` for a file gone since the
+    scan. Sub-folders and files that are symbolic links are followed, as torchvision's ImageFolder does.
     """
 
     def __init__(self, root: PathLike, classes: Optional[Sequence[str]] = None, transform: Optional[Callable] = None,
@@ -281,7 +284,7 @@ def build_cls_datasets(
     limit_val: Optional[int] = None, input_size: int = 224, resize: Optional[int] = None,
     crop: Optional[int] = None, augment: str = "auto", mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None, classes: Optional[Sequence[str]] = None, train: bool = True,
-    interpolation: str = "bilinear",
+    interpolation: str = "bilinear", invert: float = 0.0,
 ) -> ClsDatasets:
     """Training and evaluation sets, as ``tools/train_cls.py`` and the evaluation tools use them.
 
@@ -303,6 +306,7 @@ def build_cls_datasets(
         classes: expected class names (e.g. a checkpoint's ``classes``); checked against the data.
         train: False skips the training split (evaluation only).
         interpolation: resize interpolation for folders (``bilinear`` or ``bicubic``).
+        invert: probability of a training image's negative (:class:`~.cls_transforms.RandomInvert`).
 
     Raises:
         FashionMNISTNotFoundError: Fashion-MNIST files missing (the message says how to install them).
@@ -312,7 +316,7 @@ def build_cls_datasets(
         raise ValueError(f"augment {augment!r}; choose one of {list(AUGMENTATIONS)}")
     if train_dir is None and val_dir is None:
         return _fashion_mnist(data_dir, in_chans or 1, limit_train, limit_val,
-                              "pad_crop" if augment == "auto" else augment, mean, std, classes, train)
+                              "pad_crop" if augment == "auto" else augment, mean, std, classes, train, invert)
     if train and train_dir is None:
         raise ValueError("--val-dir without --train-dir: give the training tree too (or neither, for Fashion-MNIST)")
     in_chans = in_chans or 3
@@ -324,7 +328,7 @@ def build_cls_datasets(
     if train:
         aug = "rrc" if augment == "auto" else augment
         tf = build_cls_transforms(train=True, mean=mean, std=std, augment=aug, resize=resize, crop=crop,
-                                  interpolation=interpolation)
+                                  interpolation=interpolation, invert=invert)
         train_set = ImageFolderClassification(train_dir, classes, tf, in_chans).limit(limit_train)
         classes = train_set.classes
     if val_dir is not None:
@@ -336,7 +340,8 @@ def build_cls_datasets(
                        min(crop, resize) / max(crop, resize), "image_folder")
 
 
-def _fashion_mnist(data_dir, in_chans, limit_train, limit_val, augment, mean, std, classes, train) -> ClsDatasets:
+def _fashion_mnist(data_dir, in_chans, limit_train, limit_val, augment, mean, std, classes, train,
+                   invert=0.0) -> ClsDatasets:
     names = list(FASHION_MNIST_CLASSES)
     if classes is not None and list(classes) != names:
         raise ClassificationDataError(f"Fashion-MNIST has the classes {names}, not the expected {list(classes)}")
@@ -345,7 +350,7 @@ def _fashion_mnist(data_dir, in_chans, limit_train, limit_val, augment, mean, st
     train_set = None
     if train:
         images, labels = load_fashion_mnist("train", data_dir, limit_train)
-        tf = build_cls_transforms(train=True, mean=mean, std=std, augment=augment)
+        tf = build_cls_transforms(train=True, mean=mean, std=std, augment=augment, invert=invert)
         train_set = TensorClassification(images, labels, tf, in_chans, names)
     images, labels = load_fashion_mnist("test", data_dir, limit_val)
     val_set = TensorClassification(images, labels, build_cls_transforms(train=False, mean=mean, std=std),

@@ -19,7 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "AUGMENTATIONS", "Compose", "Normalize", "RandomHorizontalFlip", "RandomPadCrop", "RandomResizedCrop",
+    "AUGMENTATIONS", "Compose", "Normalize", "RandomHorizontalFlip", "RandomInvert", "RandomPadCrop", "RandomResizedCrop",
     "ResizeCenterCrop", "build_cls_transforms",
 ]
 
@@ -112,6 +112,28 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class RandomInvert:
+    """Replace each image (of a batch, independently) by its negative (``1 - x`` for float images in
+    [0, 1], ``255 - x`` for uint8) with probability ``p``: dark objects on light ground as well as
+    light on dark, so the features do not depend on the polarity (a grey-level classifier meant for
+    objects on any background)."""
+
+    batched = True
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"invert probability must be in [0, 1], got {p}")
+        self.p = float(p)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        top = 255 if x.dtype == torch.uint8 else 1.0
+        pick = torch.rand(x.shape[0] if x.dim() == 4 else 1) < self.p
+        return torch.where(pick.view(-1, *([1] * 3)) if x.dim() == 4 else pick, top - x, x)
+
+    def __repr__(self) -> str:
+        return f"RandomInvert(p={self.p})"
+
+
 class RandomResizedCrop:
     """A random crop of ``scale`` (area fraction) and ``ratio`` (aspect), resized to ``size`` x ``size``
     (torchvision's parameters, the standard ImageNet training crop). One image at a time."""
@@ -170,7 +192,7 @@ def _interp(name: str):
 
 def build_cls_transforms(
     *, train: bool, mean: Sequence[float], std: Sequence[float], augment: str = "pad_crop",
-    resize: Optional[int] = None, crop: Optional[int] = None, interpolation: str = "bilinear",
+    resize: Optional[int] = None, crop: Optional[int] = None, interpolation: str = "bilinear", invert: float = 0.0,
 ) -> Compose:
     """The train or eval pipeline.
 
@@ -182,6 +204,7 @@ def build_cls_transforms(
         resize, crop: with both given, images are first brought to ``crop`` x ``crop`` by
             :class:`ResizeCenterCrop` (eval, and training except ``rrc``); None keeps the stored size
             (in-memory sets whose images are all the same size).
+        invert: training only: probability of :class:`RandomInvert` (0: never).
     """
     if augment not in AUGMENTATIONS[1:]:
         raise ValueError(f"augment {augment!r}; choose one of {list(AUGMENTATIONS)}")
@@ -196,5 +219,7 @@ def build_cls_transforms(
         steps.append(RandomPadCrop(4))
     if train and augment != "none":
         steps.append(RandomHorizontalFlip())
+    if train and invert > 0:
+        steps.append(RandomInvert(invert))
     steps.append(Normalize(mean, std))
     return Compose(steps)

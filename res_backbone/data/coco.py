@@ -11,6 +11,27 @@ and the offending key), so what the training targets see is what ``COCOeval`` wi
 
 Image decoding follows the stored pixel layout: no EXIF rotation is applied, since COCO's
 ``width``/``height`` and boxes refer to the raw stored pixels.
+
+Hostile or broken input ends in one of these exceptions, each naming the file and, for the
+dataset, the image id (``tests/res_backbone/data/test_fuzz_coco.py`` fuzzes every case):
+
+* :class:`CocoFormatError` (a ``ValueError``): json that is not UTF-8 JSON, or not COCO detection
+  format: missing keys, wrong types, non-integer or duplicate ids, ids outside int64, sizes that are
+  not integers in ``1..2**31-1``, annotations of unknown images or categories, bboxes that are not
+  four numbers, file names that are absolute, empty, hold NUL or lone surrogates, or climb out of
+  the image root;
+* ``FileNotFoundError``: the json or an image file is missing;
+* :class:`ImageDecodeError` (an ``OSError``): an image file that cannot be read or decoded
+  (truncated, random bytes, empty, a format outside :data:`IMAGE_FORMATS`, zero-sized);
+* :class:`ImageTooLargeError` (an :class:`ImageDecodeError`): more pixels than
+  :data:`MAX_IMAGE_PIXELS`, refused from the header before any pixel memory is allocated
+  (decompression-bomb guard);
+* ``ValueError``: an image whose decoded size differs from the json's, or a file name that is a
+  symbolic link leading outside the image root (nothing outside the root is ever opened).
+
+Boxes that cannot be used (non-finite or too large for a float, ``w``/``h`` <= 0 or so small that
+they vanish in float32, outside the image) are not errors: they are dropped and counted in
+:attr:`CocoDetection.stats` and the log line.
 """
 from __future__ import annotations
 
@@ -20,6 +41,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -32,9 +54,25 @@ from .transforms import bboxes_to_tensor, labels_to_tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CocoDetection", "CocoFormatError", "ImageDecodeError", "load_rgb_image", "safe_join"]
+__all__ = ["CocoDetection", "CocoFormatError", "IMAGE_FORMATS", "ImageDecodeError", "ImageTooLargeError",
+           "MAX_IMAGE_PIXELS", "load_rgb_image", "read_image_size", "safe_join"]
 
 PathLike = Union[str, os.PathLike]
+
+#: Images with more pixels than this are refused (:class:`ImageTooLargeError`) from their header,
+#: before decoding allocates anything: the decompression-bomb guard. The default equals
+#: ``PIL.Image.MAX_IMAGE_PIXELS`` (~9459 x 9459). Set it to ``None`` to lift the guard; PIL itself
+#: still refuses images over twice its own ``Image.MAX_IMAGE_PIXELS``, so raise that too for larger ones.
+MAX_IMAGE_PIXELS: Optional[int] = 89_478_485
+
+#: The PIL decoders an image file may be opened with (the formats of the classification reader's
+#: ``IMG_EXTENSIONS``; PIL's JPEG decoder also opens multi-picture camera JPEGs). Files of other
+#: formats are refused as undecodable, whatever their name: PIL would otherwise pick any of its ~40
+#: decoders from the file's first bytes (EPS even runs Ghostscript).
+IMAGE_FORMATS: Tuple[str, ...] = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+_INT64 = (-(2**63), 2**63 - 1)
+_MAX_SIDE = 2**31 - 1
 
 
 class CocoFormatError(ValueError):
@@ -42,20 +80,33 @@ class CocoFormatError(ValueError):
 
 
 class ImageDecodeError(OSError):
-    """An image file exists but cannot be decoded (message names the path and image id)."""
+    """An image file exists but cannot be read or decoded (message names the path and image id)."""
 
 
-def safe_join(root: PathLike, file_name: str) -> Path:
+class ImageTooLargeError(ImageDecodeError):
+    """An image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels (refused before decoding)."""
+
+
+def safe_join(root: PathLike, file_name: str, *, resolve_links: bool = True) -> Path:
     """Join a json ``file_name`` to ``root``, refusing anything that would leave ``root``.
 
-    The check is lexical (``normpath``), so a root that is itself a symlink still works; only
-    absolute names and ``..`` components that climb above ``root`` are refused.
+    The name is checked lexically (``normpath``): absolute names and ``..`` components that climb
+    above ``root`` are refused. With ``resolve_links`` the joined path's symbolic links are then
+    resolved and the target must still lie under ``root``'s own resolved path, so a root that is
+    itself a symlink works but a link inside it pointing elsewhere does not.
 
     Raises:
-        ValueError: for an empty, absolute or escaping ``file_name``.
+        ValueError: for an empty, absolute or escaping ``file_name``, one holding NUL or a lone
+            surrogate (not a file name any file system stores), or a link leading outside ``root``.
     """
     if not isinstance(file_name, str) or not file_name:
         raise ValueError(f"image file_name must be a non-empty string, got {file_name!r}")
+    if "\x00" in file_name:
+        raise ValueError(f"image file_name {file_name!r} contains a NUL character")
+    try:
+        file_name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"image file_name {file_name!r} is not valid Unicode text (lone surrogate)") from None
     if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or (len(file_name) > 1 and file_name[1] == ":"):
         raise ValueError(f"image file_name {file_name!r} is an absolute path; file names must be relative to "
                          f"the image root {str(root)!r}")
@@ -63,6 +114,11 @@ def safe_join(root: PathLike, file_name: str) -> Path:
     joined = os.path.normpath(os.path.join(root_n, file_name.replace("\\", "/")))
     if os.path.commonpath([root_n, joined]) != root_n:
         raise ValueError(f"image file_name {file_name!r} escapes the image root {str(root)!r}")
+    if resolve_links:
+        root_r, joined_r = os.path.realpath(root_n), os.path.realpath(joined)
+        if os.path.commonpath([root_r, joined_r]) != root_r:
+            raise ValueError(f"image file_name {file_name!r} is a symbolic link (or lies under one) leading "
+                             f"outside the image root {str(root)!r}, to {joined_r!r}; it is not read")
     return Path(joined)
 
 
@@ -89,22 +145,76 @@ def _pil_to_rgb_uint8(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).copy()
 
 
-def load_rgb_image(path: PathLike) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB (grayscale, palette, RGBA, 16-bit all accepted).
+def _pixel_limit(max_pixels: Optional[int]) -> Optional[int]:
+    return MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+
+
+def _open_checked(path: Path, max_pixels: Optional[int]):
+    """``Image.open`` (header only) restricted to :data:`IMAGE_FORMATS`, with the pixel limit checked.
+
+    Returns the open image (the caller closes it). Raises FileNotFoundError / ImageTooLargeError /
+    ImageDecodeError; never decodes pixel data.
+    """
+    try:
+        exists = path.is_file()
+    except OSError as e:  # e.g. ENAMETOOLONG, which is_file() does not swallow
+        raise ImageDecodeError(f"cannot read image {path}: {e}") from e
+    if not exists:
+        raise FileNotFoundError(f"image file not found: {path}")
+    limit = _pixel_limit(max_pixels)
+    try:
+        with warnings.catch_warnings():  # the size is checked below, with a clearer error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image {path} is refused as too large: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on broken headers
+        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        im.close()
+        raise ImageDecodeError(f"cannot decode image {path}: its header declares a {w}x{h} (w x h) image")
+    if limit is not None and w * h > limit:
+        im.close()
+        raise ImageTooLargeError(
+            f"image {path} declares {w}x{h} (w x h) = {w * h} pixels, more than the limit of {limit} "
+            "(res_backbone.data.coco.MAX_IMAGE_PIXELS, a decompression-bomb guard); it is not decoded")
+    return im
+
+
+def read_image_size(path: PathLike, *, max_pixels: Optional[int] = None) -> Tuple[int, int]:
+    """``(width, height)`` of an image file from its header, with :func:`load_rgb_image`'s checks.
+
+    Raises:
+        FileNotFoundError, ImageDecodeError, ImageTooLargeError: as :func:`load_rgb_image`.
+    """
+    with _open_checked(Path(path), max_pixels) as im:
+        return im.size
+
+
+def load_rgb_image(path: PathLike, *, max_pixels: Optional[int] = None) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB (grayscale, palette, RGBA, CMYK, 16-bit all accepted).
+
+    Args:
+        path: the image file; only the decoders of :data:`IMAGE_FORMATS` are used.
+        max_pixels: refuse images with more pixels (default :data:`MAX_IMAGE_PIXELS`, read at call time).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ImageDecodeError: the file cannot be decoded.
+        ImageTooLargeError: the header declares more than ``max_pixels`` pixels (nothing is decoded).
+        ImageDecodeError: the file cannot be read or decoded (truncated, not an image, zero-sized...).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
+    with _open_checked(path, max_pixels) as im:
+        try:
             im.load()
             return _pil_to_rgb_uint8(im)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken files
-        raise ImageDecodeError(f"cannot decode image {path}: {e}") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # a decoder fed hostile bytes may raise nearly anything: name the file
+            raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
 def _is_int(v: Any) -> bool:
@@ -113,6 +223,18 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    return _is_int(v) and _INT64[0] <= v <= _INT64[1]
+
+
+def _as_float(v: Any) -> float:
+    """A json number as float; integers too large for a float become ``inf`` (dropped as non-finite)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def _validate(data: Any, src: str, image_root: PathLike) -> None:
@@ -129,8 +251,9 @@ def _validate(data: Any, src: str, image_root: PathLike) -> None:
         where = f"{src}: images[{i}]"
         if not isinstance(img, dict):
             raise CocoFormatError(f"{where} must be an object")
-        for key, ok in (("id", _is_int), ("file_name", lambda v: isinstance(v, str) and v),
-                        ("width", lambda v: _is_int(v) and v > 0), ("height", lambda v: _is_int(v) and v > 0)):
+        for key, ok in (("id", _is_id), ("file_name", lambda v: isinstance(v, str) and v),
+                        ("width", lambda v: _is_int(v) and 0 < v <= _MAX_SIDE),
+                        ("height", lambda v: _is_int(v) and 0 < v <= _MAX_SIDE)):
             if key not in img:
                 raise CocoFormatError(f"{where}: missing key '{key}'")
             if not ok(img[key]):
@@ -138,16 +261,16 @@ def _validate(data: Any, src: str, image_root: PathLike) -> None:
         if img["id"] in img_ids:
             raise CocoFormatError(f"{where}: duplicate image id {img['id']}")
         img_ids.add(img["id"])
-        try:
-            safe_join(image_root, img["file_name"])
+        try:  # lexical only: links are resolved when the file is read
+            safe_join(image_root, img["file_name"], resolve_links=False)
         except ValueError as e:
             raise CocoFormatError(f"{where} (image id {img['id']}): {e}") from None
     for i, cat in enumerate(data["categories"]):
         where = f"{src}: categories[{i}]"
         if not isinstance(cat, dict):
             raise CocoFormatError(f"{where} must be an object")
-        if "id" not in cat or not _is_int(cat["id"]):
-            raise CocoFormatError(f"{where}: missing or non-integer 'id'")
+        if "id" not in cat or not _is_id(cat["id"]):
+            raise CocoFormatError(f"{where}: missing or non-integer 'id' (got {cat.get('id')!r})")
         if cat["id"] in cat_ids:
             raise CocoFormatError(f"{where}: duplicate category id {cat['id']}")
         cat_ids.add(cat["id"])
@@ -158,6 +281,9 @@ def _validate(data: Any, src: str, image_root: PathLike) -> None:
         for key in ("id", "image_id", "category_id", "bbox"):
             if key not in ann:
                 raise CocoFormatError(f"{where}: missing key '{key}'")
+        for key in ("id", "image_id", "category_id"):
+            if not _is_id(ann[key]):
+                raise CocoFormatError(f"{where}: '{key}' must be an integer id, got {ann[key]!r}")
         if ann["id"] in ann_ids:
             raise CocoFormatError(f"{where}: duplicate annotation id {ann['id']}")
         ann_ids.add(ann["id"])
@@ -184,6 +310,16 @@ class CocoDetection(torch.utils.data.Dataset):
         filter_empty: drop images without any usable box (no annotation, or crowd/degenerate only).
             Default keeps them as negatives (``boxes`` of shape (0, 4)).
         class_names: optional K names overriding the json's category names (label order).
+        max_image_pixels: refuse larger images (default :data:`MAX_IMAGE_PIXELS`).
+
+    Raises:
+        FileNotFoundError: ``ann_file`` is missing.
+        CocoFormatError: the json is not COCO detection format (message names the file, the list
+            index and the key; see the module docstring for every check).
+
+    Items raise ``FileNotFoundError``, :class:`ImageDecodeError` / :class:`ImageTooLargeError` or
+    ``ValueError`` (size differs from the json's, symbolic link out of ``image_root``), naming the
+    file and image id; nothing outside ``image_root`` is opened.
 
     Attributes:
         coco: the pycocotools ``COCO`` index of the json (what the evaluator uses).
@@ -207,8 +343,10 @@ class CocoDetection(torch.utils.data.Dataset):
         *,
         filter_empty: bool = False,
         class_names: Optional[Sequence[str]] = None,
+        max_image_pixels: Optional[int] = None,
     ) -> None:
         self.ann_file = str(ann_file)
+        self.max_image_pixels = max_image_pixels
         self.image_root = Path(image_root)
         self.transforms = transforms
         try:
@@ -218,6 +356,10 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"annotation file not found: {self.ann_file}") from None
         except json.JSONDecodeError as e:
             raise CocoFormatError(f"{self.ann_file}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise CocoFormatError(f"{self.ann_file}: not UTF-8 text ({e})") from None
+        except RecursionError:
+            raise CocoFormatError(f"{self.ann_file}: JSON nested too deeply to be COCO format") from None
         _validate(data, self.ann_file, self.image_root)
 
         self.coco = COCO()
@@ -271,7 +413,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if ann.get("iscrowd", 0):
                 self.stats["crowd"] += 1
                 continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
+            x, y, w, h = (_as_float(v) for v in ann["bbox"])
             if not all(math.isfinite(v) for v in (x, y, w, h)):
                 self.stats["dropped_nonfinite"] += 1
                 continue
@@ -281,6 +423,11 @@ class CocoDetection(torch.utils.data.Dataset):
             x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(W)), min(y + h, float(H))
             if x1 <= x0 or y1 <= y0:
                 self.stats["dropped_outside"] += 1
+                continue
+            if np.float32(x1) <= np.float32(x0) or np.float32(y1) <= np.float32(y0):
+                # thinner than float32 resolution (w = 1e-8 at x = 1): the stored box would have w = 0,
+                # and a zero-width target makes the box-regression log(w) infinite
+                self.stats["dropped_nonpositive"] += 1
                 continue
             if (x0, y0, x1, y1) != (x, y, x + w, y + h):
                 self.stats["clipped"] += 1
@@ -328,22 +475,29 @@ class CocoDetection(torch.utils.data.Dataset):
         """Decoded (H, W, 3) uint8 RGB image of item ``index``, checked against the json's size.
 
         Raises:
-            FileNotFoundError / ImageDecodeError / ValueError, naming the path and image id.
+            FileNotFoundError / ImageDecodeError (ImageTooLargeError) / ValueError, naming the path and image id.
         """
         img_id = self.ids[index]
         info = self.coco.imgs[img_id]
-        path = safe_join(self.image_root, info["file_name"])
+        path = self._checked_path(img_id)
         try:
-            image = load_rgb_image(path)
+            image = load_rgb_image(path, max_pixels=self.max_image_pixels)
         except FileNotFoundError:
             raise FileNotFoundError(f"image file not found: {path} (image id {img_id}, from {self.ann_file})") from None
-        except ImageDecodeError as e:
-            raise ImageDecodeError(f"{e} (image id {img_id}, from {self.ann_file})") from e.__cause__
+        except ImageDecodeError as e:  # keeps the subclass (ImageTooLargeError)
+            raise type(e)(f"{e} (image id {img_id}, from {self.ann_file})") from e.__cause__
         if image.shape[:2] != (info["height"], info["width"]):
             # Boxes are in the json's pixel frame; a different decoded size would silently misplace them.
             raise ValueError(f"image {path} (image id {img_id}) decodes to {image.shape[1]}x{image.shape[0]} "
                              f"(w x h) but {self.ann_file} says {info['width']}x{info['height']}")
         return image
+
+    def _checked_path(self, img_id: int) -> Path:
+        """The image file of ``img_id`` with its links resolved inside the root (ValueError naming the id)."""
+        try:
+            return safe_join(self.image_root, self.coco.imgs[img_id]["file_name"])
+        except ValueError as e:
+            raise ValueError(f"{e} (image id {img_id}, from {self.ann_file})") from None
 
     def check_images(self, *, decode: bool = False, raise_on_error: bool = True) -> List[Tuple[int, str, str]]:
         """Scan every image file up front.
@@ -358,23 +512,19 @@ class CocoDetection(torch.utils.data.Dataset):
         problems: List[Tuple[int, str, str]] = []
         for index, img_id in enumerate(self.ids):
             info = self.coco.imgs[img_id]
-            path = safe_join(self.image_root, info["file_name"])
+            path = safe_join(self.image_root, info["file_name"], resolve_links=False)
             try:
                 if decode:
                     self.load_image(index)
                     continue
-                if not path.is_file():
-                    problems.append((img_id, str(path), "missing"))
-                    continue
-                with Image.open(path) as im:
-                    size = im.size
+                size = read_image_size(self._checked_path(img_id), max_pixels=self.max_image_pixels)
                 if size != (info["width"], info["height"]):
                     problems.append((img_id, str(path), f"size {size[0]}x{size[1]} != json "
                                                         f"{info['width']}x{info['height']}"))
             except FileNotFoundError:
                 problems.append((img_id, str(path), "missing"))
-            except (OSError, SyntaxError, ValueError) as e:
-                problems.append((img_id, str(path), f"undecodable or wrong size: {e}"))
+            except (OSError, ValueError) as e:  # ImageDecodeError is an OSError
+                problems.append((img_id, str(path), f"undecodable, too large, outside the root or wrong size: {e}"))
         if problems and raise_on_error:
             lines = "\n".join(f"  image id {i}: {p}: {why}" for i, p, why in problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -41,8 +41,9 @@ from .synthetic import _background, _colour, _write_json_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalizationArrays", "fmnist_localization_paths", "iter_fmnist_localization",
-           "make_fmnist_localization", "render_localization_image", "write_fmnist_localization"]
+__all__ = ["LocalizationArrays", "fmnist_localization_paths", "item_colour", "iter_fmnist_localization",
+           "make_fmnist_localization", "paste_item", "print_paths", "render_background", "render_localization_image",
+           "render_once", "sample_item_alpha", "write_fashion_coco", "write_fmnist_localization"]
 
 PathLike = Union[str, os.PathLike]
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
@@ -90,16 +91,49 @@ def _scaled_alpha(item: np.ndarray, width: int, height: int) -> np.ndarray:
     return alpha[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
-def render_background(rng: np.random.Generator, canvas: int) -> Tuple[np.ndarray, bool]:
-    """A textured ``(canvas, canvas, 3)`` float32 background (grain included) and whether it is dark.
+def render_background(rng: np.random.Generator, canvas: int, dark_prob: float = 0.5) -> Tuple[np.ndarray, bool]:
+    """A textured ``(canvas, canvas, 3)`` float32 background (grain included) and whether it is dark
+    (probability ``dark_prob``; items are then pasted bright, as Fashion-MNIST's white-on-black).
 
     It is the first thing :func:`render_localization_image` draws from ``rng``, so a generator in the
     same state reproduces the background of an image exactly (what the tightness tests use).
     """
-    dark = bool(rng.random() < 0.5)
+    dark = bool(rng.random() < dark_prob)
     bg = _background(rng, canvas, canvas, dark)
     bg += rng.normal(0.0, 3.0, size=(canvas, canvas, 1)).astype(np.float32)  # sensor-like grain
     return np.clip(bg, 0, 255), dark
+
+
+def sample_item_alpha(rng: np.random.Generator, item: np.ndarray, *, canvas: int,
+                      scale: Tuple[float, float] = (28.0, 56.0), aspect: float = 0.15) -> np.ndarray:
+    """Draw an item's size and aspect from ``rng`` and return its scaled alpha (uint8, cropped to content).
+
+    The 28 px frame's side is log-uniform in ``scale`` (pixels), its width/height ratio ``exp(u)``,
+    ``u ~ U(-aspect, aspect)``; both sides are capped at ``canvas``.
+    """
+    lo, hi = float(scale[0]), float(scale[1])
+    if not 0 < lo <= hi:
+        raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale}")
+    side = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
+    ratio = float(np.exp(rng.uniform(-aspect, aspect)))
+    width = int(min(canvas, max(2, round(side * ratio))))
+    height = int(min(canvas, max(2, round(side / ratio))))
+    return _scaled_alpha(item, width, height)
+
+
+def item_colour(rng: np.random.Generator, dark: bool) -> np.ndarray:
+    """A random RGB colour contrasting with a dark (bright colour) or light (dark colour) background."""
+    return _colour(rng, 150.0, 255.0) if dark else _colour(rng, 0.0, 100.0)
+
+
+def paste_item(bg: np.ndarray, alpha: np.ndarray, colour: np.ndarray, x0: int, y0: int) -> Tuple[int, int, int, int]:
+    """Blend ``colour`` into the float canvas ``bg`` in place with ``alpha`` at ``(x0, y0)``; return the box
+    ``(x0, y0, x1, y1)`` (pixel edges, ``x1``/``y1`` exclusive)."""
+    bh, bw = alpha.shape
+    a = (alpha.astype(np.float32) / 255.0)[..., None]
+    region = bg[y0:y0 + bh, x0:x0 + bw]
+    bg[y0:y0 + bh, x0:x0 + bw] = region * (1.0 - a) + colour.astype(np.float32) * a
+    return x0, y0, x0 + bw, y0 + bh
 
 
 def render_localization_image(
@@ -124,18 +158,12 @@ def render_localization_image(
     if not 0 < lo <= hi:
         raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale}")
     bg, dark = render_background(rng, canvas)
-    side = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
-    ratio = float(np.exp(rng.uniform(-aspect, aspect)))
-    width = int(min(canvas, max(2, round(side * ratio))))
-    height = int(min(canvas, max(2, round(side / ratio))))
-    alpha = _scaled_alpha(item, width, height)
-    colour = _colour(rng, 150.0, 255.0) if dark else _colour(rng, 0.0, 100.0)  # always contrasting
+    alpha = sample_item_alpha(rng, item, canvas=canvas, scale=(lo, hi), aspect=aspect)
+    colour = item_colour(rng, dark)
     bh, bw = alpha.shape
     x0, y0 = int(rng.integers(0, canvas - bw + 1)), int(rng.integers(0, canvas - bh + 1))
-    a = (alpha.astype(np.float32) / 255.0)[..., None]
-    region = bg[y0:y0 + bh, x0:x0 + bw]
-    bg[y0:y0 + bh, x0:x0 + bw] = region * (1.0 - a) + colour.astype(np.float32) * a
-    return np.clip(np.rint(bg), 0, 255).astype(np.uint8), (x0, y0, x0 + bw, y0 + bh)
+    box = paste_item(bg, alpha, colour, x0, y0)
+    return np.clip(np.rint(bg), 0, 255).astype(np.uint8), box
 
 
 def iter_fmnist_localization(
@@ -213,13 +241,17 @@ def _write_split(out: Path, split: str, items: Tuple[np.ndarray, np.ndarray], nu
                        "fmnist_index": idx})
         annotations.append({"id": image_id, "image_id": image_id, "category_id": label + 1,
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0})
+    write_fashion_coco(out / "annotations" / f"instances_{split}.json", images, annotations,
+                       {"description": f"res_backbone Fashion-MNIST localization, {split}",
+                        "version": str(_FORMAT_VERSION), "seed": render["seed"]})
+
+
+def write_fashion_coco(path: Path, images: list, annotations: list, info: dict) -> None:
+    """Write a COCO json with the 10 Fashion-MNIST categories (ids 1..10 in label order), atomically."""
     categories = [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(FASHION_MNIST_CLASSES)]
-    data = {"info": {"description": f"res_backbone Fashion-MNIST localization, {split}",
-                     "version": str(_FORMAT_VERSION), "seed": render["seed"]},
-            "licenses": [], "images": images, "annotations": annotations, "categories": categories}
-    path = out / "annotations" / f"instances_{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(data, path)
+    _write_json_atomic({"info": info, "licenses": [], "images": images, "annotations": annotations,
+                        "categories": categories}, path)
 
 
 def write_fmnist_localization(
@@ -249,24 +281,45 @@ def write_fmnist_localization(
                    int(test_items[0][:64].sum())]  # a different Fashion-MNIST folder -> regenerate
     meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "canvas": canvas,
             "scale": list(scale), "aspect": aspect, "seed": seed, "items": fingerprint}
-    meta_path = out / "fmnist_loc_meta.json"
+    t0 = time.perf_counter()
+    render = dict(canvas=canvas, scale=scale, aspect=aspect, seed=seed)
+
+    def write() -> None:
+        _write_split(out, "train", train_items, num_train, **render)
+        _write_split(out, "val", test_items, num_val, **render)
+
+    if render_once(out / "fmnist_loc_meta.json", meta, paths, write, reuse):
+        log.info("Fashion-MNIST localization: %d train + %d val images of %d px in %s (%.1fs)", num_train, num_val,
+                 canvas, out, time.perf_counter() - t0)
+    return paths
+
+
+def render_once(meta_path: Path, meta: dict, paths: Dict[str, str], write: Callable[[], None],
+                reuse: bool = True) -> bool:
+    """Call ``write()`` unless a complete set made with ``meta`` is already there; return whether it wrote.
+
+    ``meta_path`` (next to the set) records the arguments; it is removed while writing and written last,
+    so an interrupted rendering is never mistaken for a complete one.
+    """
     if reuse and meta_path.is_file() and all(Path(p).exists() for p in paths.values()):
         try:
             if json.loads(meta_path.read_text()) == meta:
-                return paths
+                return False
         except (OSError, ValueError):
             pass
-    out.mkdir(parents=True, exist_ok=True)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
     if meta_path.exists():
         meta_path.unlink()  # incomplete while (re)generating
-    t0 = time.perf_counter()
-    render = dict(canvas=canvas, scale=scale, aspect=aspect, seed=seed)
-    _write_split(out, "train", train_items, num_train, **render)
-    _write_split(out, "val", test_items, num_val, **render)
+    write()
     _write_json_atomic(meta, meta_path)
-    log.info("Fashion-MNIST localization: %d train + %d val images of %d px in %s (%.1fs)", num_train, num_val,
-             canvas, out, time.perf_counter() - t0)
-    return paths
+    return True
+
+
+def print_paths(paths: Dict[str, str], seconds: float) -> None:
+    """What the ``python -m`` entry points print when done."""
+    print(f"done in {seconds:.1f}s")
+    for k, v in paths.items():
+        print(f"  {k:12s} {v}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -285,9 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     paths = write_fmnist_localization(args.out, root=args.root, num_train=args.num_train, num_val=args.num_val,
                                       canvas=args.canvas, scale=args.scale, seed=args.seed, reuse=not args.force)
-    print(f"done in {time.perf_counter() - t0:.1f}s")
-    for k, v in paths.items():
-        print(f"  {k:12s} {v}")
+    print_paths(paths, time.perf_counter() - t0)
     return 0
 
 

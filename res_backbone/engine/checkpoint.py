@@ -4,13 +4,18 @@ A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``::
 
     {"model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ..., "iteration": int,
      "epoch": int, "arch": str, "config": dict, "pretrained_cfg": dict, "library_version": str,
-     "rng": {...}, "metrics": dict}
+     "rng": {...}, "metrics": dict, "checksum": {"sha256": str}}
+
+The ``checksum`` (:func:`with_checksum`, written by the training runs) covers every other entry, tensors
+byte for byte, so a file damaged after it was written is refused by :func:`load_checkpoint` even where
+the damage falls inside tensor data, which ``torch.load`` reads without complaint.
 
 ``res_backbone.create_model/create_backbone(..., pretrained=path)`` and ``heads.build_detector``
 read the ``model`` entry of these files directly.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -21,15 +26,18 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
+from .faults import fault_point
+
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
+def atomic_save(obj: Any, path: PathLike, *, before_rename=None) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
     The previous file stays valid until the rename, so a crash mid-write never leaves a truncated
-    checkpoint under the final name.
+    checkpoint under the final name. ``before_rename()``, if given, runs once the new bytes are safely
+    on disk and before the rename (what :func:`rotate_and_save` uses to keep the previous file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,12 +47,12 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if isinstance(obj, dict):
+            fault_point("save", obj.get("iteration", obj.get("iter")))
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -52,8 +60,48 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return path
 
 
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class CorruptCheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read back (truncated, not a checkpoint, unsafe)."""
+    """A checkpoint file that cannot be read back (truncated, damaged, not a checkpoint, unsafe)."""
+
+
+def _feed(h, obj: Any) -> None:
+    """Hash ``obj`` (nested dicts/lists/tuples of tensors and plain values) in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the tensor's own buffer, no copy
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def payload_digest(ckpt: Dict[str, Any]) -> str:
+    """sha256 of every entry of ``ckpt`` but ``checksum`` (tensors by dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in ckpt.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def with_checksum(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """A shallow copy of ``ckpt`` carrying ``checksum: {"sha256": ...}``, verified by :func:`load_checkpoint`."""
+    return {**ckpt, "checksum": {"sha256": payload_digest(ckpt)}}
 
 
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
@@ -69,12 +117,16 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CorruptCheckpointError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "it may be truncated, or carry pickled objects that weights-only loading refuses"
-        ) from e
+        from ..pretrained import describe_load_error
+
+        raise CorruptCheckpointError(f"{path}: unreadable checkpoint: {describe_load_error(e)}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CorruptCheckpointError(f"{path}: not a res_backbone checkpoint (no 'model' entry)")
+    checksum = ckpt.get("checksum")
+    if isinstance(checksum, dict) and checksum.get("sha256") and payload_digest(ckpt) != checksum["sha256"]:
+        raise CorruptCheckpointError(
+            f"{path}: damaged checkpoint, its contents no longer match the sha256 recorded when it was written "
+            f"({str(checksum['sha256'])[:12]}...)")
     return ckpt
 
 
@@ -110,32 +162,69 @@ def set_rng_state(state: Optional[Dict[str, Any]]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def find_resume_checkpoint(output_dir: PathLike) -> Optional[Path]:
-    """The newest readable checkpoint in ``output_dir`` (``checkpoint_last.pt`` first), or None.
+RESUME_CANDIDATES = ("checkpoint_last.pt", "checkpoint_prev.pt", "checkpoint_best.pt")
 
-    A corrupt ``checkpoint_last.pt`` is skipped with a warning in favour of the previous one
-    (``checkpoint_prev.pt``), which :func:`rotate_and_save` keeps.
+
+def checkpoint_iteration(ckpt: Dict[str, Any]) -> int:
+    """The iteration a checkpoint was written at (``iteration`` in detection runs, ``iter`` elsewhere)."""
+    return int(ckpt.get("iteration", ckpt.get("iter", -1)))
+
+
+def find_resume_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    """The newest valid checkpoint in ``output_dir`` for ``--resume auto``, or None.
+
+    ``checkpoint_last.pt`` when it loads (fully, checksum included); otherwise, with a warning naming
+    the damaged file, whichever of ``checkpoint_prev.pt`` (the one before, kept by :func:`rotate_and_save`)
+    and ``checkpoint_best.pt`` is valid and has the higher iteration.
     """
     out = Path(output_dir)
-    for name in ("checkpoint_last.pt", "checkpoint_prev.pt"):
+    found = []
+    for rank, name in enumerate(RESUME_CANDIDATES):
         p = out / name
         if not p.is_file():
             continue
         try:
-            load_checkpoint(p)
-            return p
+            ckpt = load_checkpoint(p)
         except CorruptCheckpointError as e:
-            log.warning("skipping %s", e)
+            log.warning("--resume auto: skipping %s; falling back to an older checkpoint", e)
+            continue
+        if rank == 0:
+            return p
+        found.append((checkpoint_iteration(ckpt), -rank, p))
+    if found:
+        p = max(found)[2]
+        log.warning("--resume auto: resuming from %s", p)
+        return p
     return None
 
 
 def rotate_and_save(obj: Any, output_dir: PathLike, name: str = "checkpoint_last.pt") -> Path:
-    """Keep the current ``name`` as ``checkpoint_prev.pt``, then write ``obj`` atomically."""
+    """Write ``obj`` atomically as ``name``, keeping the file it replaces as ``checkpoint_prev.pt``.
+
+    The new bytes reach the disk first; only then does the current ``name`` become
+    ``checkpoint_prev.pt`` (through a hard link, so ``name`` never goes missing) and the new file take
+    its name. Temporary files that a crash during an earlier write left behind are removed first.
+    """
     out = Path(output_dir)
-    last = out / name
-    if last.is_file():
-        os.replace(last, out / "checkpoint_prev.pt")
-    return atomic_save(obj, last)
+    for stale in out.glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    last, prev = out / name, out / "checkpoint_prev.pt"
+
+    def keep_previous() -> None:
+        if not last.is_file():
+            return
+        link = out / f".{prev.name}.link.tmp"
+        try:
+            link.unlink(missing_ok=True)
+            os.link(last, link)
+            os.replace(link, prev)
+        except OSError:  # no hard links on this filesystem: a plain copy, then the same rename
+            import shutil
+
+            shutil.copyfile(last, link)
+            os.replace(link, prev)
+
+    return atomic_save(obj, last, before_rename=keep_previous)
 
 
 def atomic_write_text(text: str, path: PathLike) -> Path:

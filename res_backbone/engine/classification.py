@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .faults import fault_point
 from .step import OptimizerStep, autocast
 
 
@@ -70,6 +71,7 @@ def train_one_epoch(
     for images, labels in loader:
         if it >= max_iters:
             break
+        fault_point("batch", it)
         lr = lr_at(it)
         images, labels = _to_device(images, labels, device, channels_last)
         with autocast(device, amp):

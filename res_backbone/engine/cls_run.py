@@ -36,8 +36,8 @@ from .config import dump_yaml
 from .logger import RunLogger
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
-    EXIT_PREEMPTED, Preempted, resolve_resume, restore_training_state, run_epochs, save_run_checkpoint,
-    seed_everything,
+    EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
+    save_run_checkpoint, seed_everything,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class ClsTrainConfig:
     resize: Optional[int] = None
     crop: Optional[int] = None
     augment: str = "auto"
+    invert: float = 0.0
     interpolation: str = "bilinear"
     epochs: int = 30
     max_iters: Optional[int] = None
@@ -122,7 +123,7 @@ def load_data(cfg: ClsTrainConfig) -> ClsDatasets:
     return build_cls_datasets(
         data_dir=cfg.data_dir, train_dir=cfg.train_dir, val_dir=cfg.val_dir, in_chans=cfg.in_chans,
         limit_train=cfg.limit_train, limit_val=cfg.limit_val, input_size=cfg.input_size, resize=cfg.resize,
-        crop=cfg.crop, augment=cfg.augment, interpolation=cfg.interpolation,
+        crop=cfg.crop, augment=cfg.augment, interpolation=cfg.interpolation, invert=cfg.invert,
     )
 
 
@@ -256,14 +257,14 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
     iters_per_epoch = len(loaders.train)
     max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
     state = {"best_top1_err": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "train_stats": {}}
-    it = 0
+    it, pending_eval = 0, False
 
     resume = resolve_resume(cfg.resume, out)
     if resume is not None:
         saved = ckpt_mod.load_checkpoint(resume)
         check_resume_compatible(saved, resume, cfg, data)
         restore_training_state(saved, resume, model, optimizer, scaler)
-        it = int(saved["iter"])
+        it, pending_eval = int(saved["iter"]), bool(saved.get("pending_eval"))
         state.update({k: saved.get(k) for k in ("best_top1_err", "best_iter", "metrics")})
         state["train_time_s"] = float(saved.get("train_time_s") or 0.0)
         log.info("resumed from %s at iteration %d (epoch %d)", resume, it, it // iters_per_epoch)
@@ -279,9 +280,10 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
         state["train_time_s"] += now - clock["since"]
         clock["since"] = now
 
-    def save(done: int, name: str = "checkpoint_last.pt") -> None:
-        save_run_checkpoint(checkpoint_payload(model, optimizer, scaler, it=done, iters_per_epoch=iters_per_epoch,
-                                               cfg=cfg, data=data, state=state), out, name)
+    def save(done: int, name: str = "checkpoint_last.pt", pending_eval: bool = False) -> None:
+        payload = checkpoint_payload(model, optimizer, scaler, it=done, iters_per_epoch=iters_per_epoch, cfg=cfg,
+                                     data=data, state=state)
+        save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
 
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not cfg.progress, dynamic_ncols=True)
 
@@ -320,7 +322,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
     def evaluate_and_record(done: int, total: int) -> None:
         ebar = tqdm(total=len(loaders.val), desc="eval", unit="batch", disable=not cfg.progress, leave=False)
         t0 = time.perf_counter()
-        m = evaluate(model, loaders.val, device, amp=cfg.amp, channels_last=cfg.channels_last,
+        m = evaluate(model, preemptible(loaders.val, done), device, amp=cfg.amp, channels_last=cfg.channels_last,
                      num_classes=len(data.classes), progress=ebar)
         ebar.close()
         logger.log({k: m[k] for k in ("top1_err", "top5_err", "loss") if m[k] is not None}
@@ -338,7 +340,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
     try:
         run_epochs(start_iter=it, max_iters=max_iters, iters_per_epoch=iters_per_epoch, sampler=loaders.sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
-                   checkpoint_every=cfg.checkpoint_every, logger=logger, output=out)
+                   checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
     finally:
         bar.close()
         logger.close()

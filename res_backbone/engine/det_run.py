@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,15 +23,17 @@ from ..data import (
     make_synthetic_coco, synthetic_paths,
 )
 from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
+from ..transfer import BackboneFreeze
 from ..visualize import draw_detections
 from . import checkpoint as ckpt_mod
 from .detection import NonFiniteLossError, predict, train_one_epoch
 from .distributed import DistInfo, barrier
 from .logger import RunLogger
+from .memory import peak_rss_report
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_common import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
-    EXIT_PREEMPTED, Preempted, SignalFlag, resolve_resume, restore_training_state, save_run_checkpoint,
-    seed_everything, unwrap,
+    EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state,
+    save_run_checkpoint, seed_everything, stop_requested, unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class DetTrainConfig:
     progress: bool = True
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
+    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
 
 
 @dataclass
@@ -241,16 +245,17 @@ def _plain_config(cfg: DetTrainConfig) -> dict:
 
 
 def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optional[Path], *, is_main: bool,
-             write: bool = True, progress: bool = True) -> Optional[dict]:
+             write: bool = True, progress: bool = True, iteration: int = 0) -> Optional[dict]:
     """Predict on the val split (all ranks), gather, COCO-evaluate on the main rank and write
-    ``metrics.json``, ``detections.json`` and ``predictions/*.png`` into ``out_dir``."""
+    ``metrics.json`` (with the run's peak resident memory so far, ``peak_rss_mib``), ``detections.json`` and
+    ``predictions/*.png`` into ``out_dir``. A stop signal abandons it (:class:`Preempted`)."""
     if data.val_loader is None:
         return None
     from tqdm import tqdm
 
     bar = tqdm(total=len(data.val_loader), desc="eval", unit="batch", disable=not (progress and is_main), leave=False)
-    pairs = predict(unwrap(model), data.val_loader, device=device, amp=cfg.amp, channels_last=cfg.channels_last,
-                    progress=bar)
+    pairs = predict(unwrap(model), preemptible(data.val_loader, iteration), device=device, amp=cfg.amp,
+                    channels_last=cfg.channels_last, progress=bar)
     bar.close()
     # COCO results are small plain dicts: convert on each rank, then gather (deduplicating images a
     # DistributedSampler padded onto two ranks).
@@ -258,6 +263,7 @@ def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optiona
     if not is_main:
         return None
     metrics = coco_evaluate(data.val_json, results, class_names=data.class_names)
+    metrics.update(peak_rss_report())
     if write and out_dir is not None:
         write_detections_json(results, out_dir / "detections.json")
         ckpt_mod.atomic_write_text(json.dumps({k: v for k, v in metrics.items() if k != "summary"}, indent=2) + "\n",
@@ -315,21 +321,21 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.train_json}: no training images (after filtering) for batch size {cfg.batch_size}")
     max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
-    it, best_ap, metrics = 0, -1.0, None
+    it, best_ap, metrics, pending_eval = 0, -1.0, None, False
 
     resume = resolve_resume(cfg.resume, out)
     if resume is not None:
         state = ckpt_mod.load_checkpoint(resume)
         restore_training_state(state, resume, model, optimizer, scaler)
         it, best_ap = int(state["iteration"]), float(state.get("best_ap", -1.0))
-        log.info("resumed from %s at iteration %d", resume, it)
+        pending_eval = bool(state.get("pending_eval"))  # stopped after a pass, before its evaluation ended
+        log.info("rank %d: resumed from %s at iteration %d", dist.rank, resume, it)
 
     backbone = getattr(model, "backbone", None)
-    frozen_until = cfg.freeze_backbone_iters if backbone is not None else 0
-    trainable_backbone = [p for p in backbone.parameters() if p.requires_grad] if backbone is not None else []
-    if it < frozen_until:
-        for p in trainable_backbone:
-            p.requires_grad_(False)
+    # The pretrained backbone (FPN excluded) frozen for the first iterations, BN statistics included.
+    freezer = BackboneFreeze(backbone, cfg.freeze_backbone_iters) if backbone is not None else None
+    if freezer is not None:
+        freezer.update(it)
 
     def wrap():
         if not dist.enabled:
@@ -342,14 +348,20 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
         runner = torch.compile(runner)
     logger = RunLogger(out, enabled=dist.is_main)
     logger.log({"event": "start", "max_iters": max_iters, "iters_per_epoch": iters_per_epoch,
-                "resumed_from": str(resume) if resume else None, "world_size": dist.world_size}, step=it)
+                "resumed_from": str(resume) if resume else None, "world_size": dist.world_size,
+                "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                "transfer": cfg.transfer or None}, step=it)
 
-    def save(name="checkpoint_last.pt"):
+    def save(name="checkpoint_last.pt", pending_eval=False):
         if dist.is_main:
             payload = checkpoint_payload(model, optimizer, scaler, it_box[0], it_box[0] // iters_per_epoch,
                                          cfg, data, best_ap, metrics)
-            save_run_checkpoint(payload, out, name)
+            save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
         barrier()
+
+    def eval_due(i: int) -> bool:
+        return data.val_loader is not None and (
+            i >= max_iters or (i % iters_per_epoch == 0 and (i // iters_per_epoch) % cfg.eval_every == 0))
 
     it_box = [it]
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
@@ -359,38 +371,46 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
         def on_end(done: int) -> None:
             nonlocal runner
             it_box[0] = done
-            if done == frozen_until and frozen_until > 0:
-                for p in trainable_backbone:
-                    p.requires_grad_(True)
+            if freezer is not None and freezer.update(done):  # released: DDP must see the new parameters
                 runner = wrap() if not cfg.compile else torch.compile(wrap())
                 logger.log({"event": "backbone_unfrozen"}, step=done)
-            if done % cfg.checkpoint_every == 0:
-                save()
-            if sig.signum is not None:
-                save()
-                logger.log({"event": "preempted", "signal": sig.signum}, step=done)
-                raise Preempted(f"signal {sig.signum} at iteration {done}; checkpoint written to {out}")
+            periodic = done % cfg.checkpoint_every == 0
+            if periodic:
+                save(pending_eval=eval_due(done))
+            if stop_requested(sig):  # all ranks agree, so all stop here
+                stop(done, "training", saved=periodic)
+
+        def stop(done: int, during: str, saved: bool = False) -> None:
+            if not saved:
+                save(pending_eval=eval_due(done))
+            logger.log({"event": "preempted", "signal": sig.signum, "during": during}, step=done)
+            raise Preempted(f"signal {sig.signum or '(on another rank)'} at iteration {done} (during {during}); "
+                            f"checkpoint written to {out}")
 
         try:
-            while it < max_iters:
-                epoch = it // iters_per_epoch
-                data.train_sampler.set_epoch(epoch)
-                data.train_sampler.skip(it - epoch * iters_per_epoch)
-                it = train_one_epoch(
-                    runner, data.train_loader, optimizer, device=device, start_iter=it, max_iters=max_iters,
-                    lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
-                        i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
-                        milestones=cfg.milestones)),
-                    amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
-                    logger=logger, log_every=cfg.log_every, on_iteration_end=on_end, progress=bar,
-                )
-                it_box[0] = it
-                end_of_epoch = it % iters_per_epoch == 0
-                if end_of_epoch and it % cfg.checkpoint_every:
-                    save()
-                last = it >= max_iters
-                if data.val_loader is not None and (last or (end_of_epoch and (it // iters_per_epoch) % cfg.eval_every == 0)):
-                    metrics = evaluate(runner, data, cfg, device, out, is_main=dist.is_main, progress=cfg.progress)
+            while pending_eval or it < max_iters:
+                if not pending_eval:  # a run resumed with its evaluation pending evaluates first
+                    epoch = it // iters_per_epoch
+                    data.train_sampler.set_epoch(epoch)
+                    data.train_sampler.skip(it - epoch * iters_per_epoch)
+                    it = train_one_epoch(
+                        runner, data.train_loader, optimizer, device=device, start_iter=it, max_iters=max_iters,
+                        lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
+                            i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
+                            milestones=cfg.milestones)),
+                        amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
+                        logger=logger, log_every=cfg.log_every, on_iteration_end=on_end, progress=bar,
+                    )
+                    it_box[0] = it
+                    if it % iters_per_epoch == 0 and it % cfg.checkpoint_every:
+                        save(pending_eval=eval_due(it))
+                pending_eval = False
+                if eval_due(it):
+                    try:
+                        metrics = evaluate(runner, data, cfg, device, out, is_main=dist.is_main,
+                                           progress=cfg.progress, iteration=it)
+                    except Preempted:
+                        stop(it, "evaluation")
                     if dist.is_main and metrics is not None:
                         logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=it, prefix="val/")
                         if metrics["AP"] > best_ap:
@@ -401,6 +421,7 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
                     else:
                         barrier()
             save()
+            logger.log({"event": "end", **peak_rss_report()}, step=it)
         except NonFiniteLossError:
             logger.log({"event": "stopped_non_finite"}, step=it_box[0])
             raise

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce_mean
+from .faults import fault_point
 from .step import AMP_DTYPES, NonFiniteLossError, OptimizerStep, autocast  # noqa: F401  (re-exported)
 
 
@@ -61,12 +62,13 @@ def train_one_epoch(
     for images, image_sizes, targets in loader:
         if it >= max_iters:
             break
+        fault_point("batch", it)
         lr = lr_at(it)
         images, targets = to_device(images, targets, device, channels_last)
         with autocast(device, amp):
             losses: Dict[str, torch.Tensor] = model(images, image_sizes, targets)
         loss = sum(losses.values())
-        step(loss, it, lambda: {k: float(v) for k, v in losses.items()})
+        step(loss, it, lambda: {k: float(v.detach()) for k, v in losses.items()})
         it += 1
         n_imgs += images.shape[0]
         if it % log_every == 0 or it == max_iters:

@@ -28,6 +28,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from ..data.localization import (
     CocoLocalization, build_loc_eval_transforms, build_loc_train_transforms, collate_localization,
 )
+from ..transfer import BackboneFreeze, input_stats
 from . import checkpoint as ckpt_mod
 from .det_run import EpochSeeded, ResumableBatchSampler
 from .detection import train_one_epoch
@@ -35,8 +36,8 @@ from .localization import LossAdapter, evaluate, make_eval_loader
 from .logger import RunLogger
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
-    EXIT_PREEMPTED, Preempted, resolve_resume, restore_training_state, run_epochs, save_run_checkpoint,
-    seed_everything,
+    EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
+    save_run_checkpoint, seed_everything,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class LocTrainConfig:
     milestones: Sequence[float] = (0.67, 0.89)
     warmup_iters: int = 50
     grad_clip: Optional[float] = None
+    backbone_lr_mult: float = 1.0
+    freeze_backbone_iters: int = 0
+    frozen_stages: Optional[int] = None  # None: 0 (the tool resolves it; see res_backbone.transfer)
+    bn_policy: Optional[str] = None  # None: from the weights and the batch size (transfer.default_bn_policy)
     cls_weight: float = 1.0
     l1_weight: float = 5.0
     giou_weight: float = 2.0
@@ -96,6 +101,7 @@ class LocTrainConfig:
     tta_flip: bool = False
     progress: bool = True
     localizer_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_localizer)
+    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
 
 
 @dataclass
@@ -146,14 +152,9 @@ def load_datasets(cfg: LocTrainConfig) -> Tuple[CocoLocalization, Optional[CocoL
 
 
 def rgb_stats(pretrained_cfg: Optional[dict]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Mean and std for RGB input from a weights' ``pretrained_cfg`` (grey-level statistics repeated)."""
-    from ..pretrained import IMAGENET_MEAN, IMAGENET_STD
-
-    cfg = pretrained_cfg or {}
-    mean, std = list(cfg.get("mean") or IMAGENET_MEAN), list(cfg.get("std") or IMAGENET_STD)
-    if len(mean) == 1:
-        mean, std = mean * 3, std * 3
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    """Mean and std for RGB input from a weights' ``pretrained_cfg`` (grey-level statistics repeated;
+    :func:`res_backbone.transfer.input_stats`)."""
+    return input_stats(pretrained_cfg, 3)
 
 
 def prepare_data(cfg: LocTrainConfig, train_set: CocoLocalization, val_set: Optional[CocoLocalization],
@@ -228,7 +229,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     iters_per_epoch = len(data.train_loader)
     # plan: the schedule's length ("max_iters") and where the current pass stops ("stop"). With a time
@@ -236,7 +237,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
     cap = cfg.max_iters or cfg.epochs * iters_per_epoch
     plan = {"max_iters": cap, "stop": cap, "sized": not cfg.time_budget}
     state = {"best": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "plan_max_iters": None}
-    it = 0
+    it, pending_eval = 0, False
     resume = resolve_resume(cfg.resume, out)
     if resume is not None:
         saved = ckpt_mod.load_checkpoint(resume)
@@ -244,7 +245,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
             raise ValueError(f"--resume {resume}: not a checkpoint of this localizer (task {saved.get('task')!r}, "
                              f"model {saved.get('localizer_kwargs')} vs {cfg.localizer_kwargs}); use a fresh --output")
         restore_training_state(saved, resume, model, optimizer, scaler)
-        it = int(saved["iter"])
+        it, pending_eval = int(saved["iter"]), bool(saved.get("pending_eval"))
         state.update(best=saved.get("best_top1_loc_err"), best_iter=saved.get("best_iter"),
                      metrics=saved.get("metrics"), train_time_s=float(saved.get("train_time_s") or 0.0))
         if cfg.time_budget and saved.get("plan_max_iters"):  # sized before the interruption: keep that plan
@@ -253,23 +254,27 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         log.info("resumed from %s at iteration %d", resume, it)
     if not plan["sized"]:
         plan["stop"] = min(cap, it + cfg.calib_iters)
+    # The pretrained backbone frozen for the first iterations (BN statistics included), then released.
+    freezer = BackboneFreeze(model.backbone, cfg.freeze_backbone_iters)
+    freezer.update(it)
     max_iters = plan["max_iters"]
 
     logger = RunLogger(out)
     logger.log({"event": "start", "max_iters": max_iters, "iters_per_epoch": iters_per_epoch,
                 "resumed_from": str(resume) if resume else None, "train_images": len(data.train_set),
                 "val_images": len(data.val_set) if data.val_set is not None else 0,
-                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}, step=it)
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "transfer": cfg.transfer or None}, step=it)
     runner = LossAdapter(model, loss_fn)
     clock = {"start": time.perf_counter(), "done": state["train_time_s"]}
 
     def elapsed() -> float:
         return clock["done"] + time.perf_counter() - clock["start"]
 
-    def save(done: int, name: str = "checkpoint_last.pt") -> None:
+    def save(done: int, name: str = "checkpoint_last.pt", pending_eval: bool = False) -> None:
         state["train_time_s"] = elapsed()
-        save_run_checkpoint(checkpoint_payload(model, optimizer, scaler, done, iters_per_epoch, cfg, data, state),
-                            out, name)
+        payload = checkpoint_payload(model, optimizer, scaler, done, iters_per_epoch, cfg, data, state)
+        save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
 
     session = {"start_iter": it, "mark": None}
 
@@ -292,6 +297,8 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
                 session["mark"] = (elapsed(), done)
             if not plan["sized"] and done >= plan["stop"]:
                 size_plan(done)
+            if freezer.update(done):
+                logger.log({"event": "backbone_unfrozen"}, step=done)
             on_end(done)
 
         return train_one_epoch(
@@ -308,7 +315,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
             return
         t_eval = time.perf_counter()
         train_time = elapsed()
-        m = evaluate(model, data.val_loader, data.val_set, device=device, amp=cfg.amp,
+        m = evaluate(model, preemptible(data.val_loader, done), data.val_set, device=device, amp=cfg.amp,
                      channels_last=cfg.channels_last, tta_flip=cfg.tta_flip,
                      pictures_dir=out / "predictions" if last else None,
                      num_pictures=cfg.num_pictures, progress=cfg.progress)
@@ -333,7 +340,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         run_epochs(start_iter=it, max_iters=lambda: plan["max_iters"], iters_per_epoch=iters_per_epoch,
                    sampler=data.train_sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
-                   checkpoint_every=cfg.checkpoint_every, logger=logger, output=out)
+                   checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
     finally:
         bar.close()
         logger.close()

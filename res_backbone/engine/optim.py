@@ -11,17 +11,19 @@ from ..layers import is_norm
 
 
 def param_groups(
-    model: nn.Module, *, weight_decay: float, backbone_lr_mult: float = 1.0, backbone_prefix: str = "backbone."
+    model: nn.Module, *, weight_decay: float, backbone_lr_mult: float = 1.0, backbone_prefix: str = "backbone.",
+    new_prefixes: Sequence[str] = ("backbone.fpn.",),
 ) -> List[dict]:
     """Split trainable parameters into groups: no weight decay on norms and biases; the backbone's
-    learning rate scaled by ``backbone_lr_mult`` (each group carries ``lr_mult``)."""
+    learning rate scaled by ``backbone_lr_mult`` (each group carries ``lr_mult``). Parameters under
+    ``new_prefixes`` (an FPN inside the backbone: new layers, no pretrained weights) keep the full rate."""
     norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or id(p) in norm_params
-        in_backbone = name.startswith(backbone_prefix)
+        in_backbone = name.startswith(backbone_prefix) and not name.startswith(tuple(new_prefixes))
         key = (no_decay, in_backbone)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,

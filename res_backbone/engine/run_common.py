@@ -2,15 +2,22 @@
 
 * :func:`seed_everything` - Python, NumPy and torch seeds (optionally deterministic kernels);
 * :class:`SignalFlag` / :class:`Preempted` / :data:`EXIT_PREEMPTED` - SIGTERM/SIGINT become a flag the
-  loop checks between iterations; the run writes a checkpoint, raises :class:`Preempted`, and the tool
-  exits with 143, what batch schedulers expect from a job that stopped on request;
+  loop checks between iterations (:func:`stop_requested`, agreed by all ranks under torch.distributed)
+  and between evaluation batches (:func:`preemptible`); the run writes a checkpoint, raises
+  :class:`Preempted`, and the tool exits with 143, what batch schedulers expect from a job that stopped
+  on request;
 * :func:`resolve_resume` - ``--resume auto|PATH`` to a checkpoint path (the newest valid one for auto);
 * :func:`save_run_checkpoint` - ``checkpoint_last.pt`` rotated (the previous one kept as
-  ``checkpoint_prev.pt``), any other name written atomically;
+  ``checkpoint_prev.pt``), any other name written atomically, both with a checksum; a model with
+  inf/NaN values is never written over a good checkpoint;
 * :func:`unwrap` - the model inside a DistributedDataParallel wrapper;
 * :func:`restore_training_state` - model, optimiser, grad-scaler and RNG state from a loaded checkpoint;
 * :func:`run_epochs` - the outer loop: epochs of a caller's ``train_epoch``, checkpoints every N
   iterations and at each epoch end, and SIGTERM/SIGINT -> checkpoint -> :class:`Preempted`.
+
+Where a signal lands decides what the checkpoint holds: during data loading or a step, that step
+finishes and is saved; during evaluation, the evaluation is abandoned and the checkpoint is marked
+``pending_eval`` so the resumed run evaluates first; during a checkpoint write, the write completes.
 """
 from __future__ import annotations
 
@@ -22,9 +29,11 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from . import checkpoint as ckpt_mod
+from .faults import fault_point
 from .step import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -51,11 +60,18 @@ class SignalFlag:
     """Turns SIGTERM/SIGINT into a flag checked between iterations (the step in flight finishes).
 
     Use as a context manager; ``signum`` is None until a signal arrives. A second Ctrl-C stops at once.
+    :meth:`current` is the innermost flag in force (what :func:`preemptible` consults).
     """
+
+    _active: list = []
 
     def __init__(self):
         self.signum: Optional[int] = None
         self._old: Dict[int, Any] = {}
+
+    @classmethod
+    def current(cls) -> Optional["SignalFlag"]:
+        return cls._active[-1] if cls._active else None
 
     def __enter__(self) -> "SignalFlag":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,6 +79,7 @@ class SignalFlag:
                 self._old[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
                 pass
+        SignalFlag._active.append(self)
         return self
 
     def _handler(self, signum, frame):
@@ -73,7 +90,59 @@ class SignalFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self in SignalFlag._active:
+            SignalFlag._active.remove(self)
         return False
+
+
+def stop_requested(flag: Optional[SignalFlag]) -> bool:
+    """Whether a stop signal arrived - on any rank when torch.distributed is initialised.
+
+    Every rank must call this at the same point (it is a collective then): the ranks agree, so they
+    all stop after the same iteration and meet in the same checkpoint barrier, although ``torchrun``
+    or the scheduler delivers the signal to each process at a slightly different moment.
+    """
+    local = flag is not None and flag.signum is not None
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return local
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(local)], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def preemptible(loader, iteration: int) -> "_Preemptible":
+    """``loader`` for an evaluation inside a training run: before each batch, a stop signal (see
+    :func:`stop_requested`) raises :class:`Preempted`, so a long evaluation does not outlast the
+    scheduler's grace period. Outside a :class:`SignalFlag` it iterates like the loader itself.
+
+    Args:
+        loader: the evaluation loader (same number of batches on every rank).
+        iteration: the training iteration being evaluated (messages, fault injection).
+    """
+    return _Preemptible(loader, iteration)
+
+
+class _Preemptible:
+    def __init__(self, loader, iteration: int):
+        self.loader, self.iteration = loader, iteration
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        flag = SignalFlag.current()
+        fault_point("eval", self.iteration)
+        batches = iter(self.loader)
+        while True:
+            if flag is not None and stop_requested(flag):
+                raise Preempted(f"signal {flag.signum or '(on another rank)'} during the evaluation at iteration "
+                                f"{self.iteration}; the evaluation was abandoned")
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,8 +154,9 @@ def resolve_resume(resume: Optional[str], output: Union[str, Path]) -> Optional[
     """Turn ``--resume`` into a checkpoint path.
 
     Args:
-        resume: ``None``/``""`` (start fresh), ``"auto"`` (the newest readable checkpoint in ``output``,
-            or a fresh start when there is none) or a checkpoint path.
+        resume: ``None``/``""`` (start fresh), ``"auto"`` (the newest valid checkpoint in ``output``,
+            or a fresh start when there is none; under torch.distributed rank 0 chooses for all, so it
+            is a collective there) or a checkpoint path.
         output: the run folder.
 
     Raises:
@@ -95,7 +165,13 @@ def resolve_resume(resume: Optional[str], output: Union[str, Path]) -> Optional[
     if not resume:
         return None
     if resume == "auto":
-        found = ckpt_mod.find_resume_checkpoint(output)
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            # One rank chooses, every rank loads that file: the ranks must continue the same state.
+            choice = [ckpt_mod.find_resume_checkpoint(output) if tdist.get_rank() == 0 else None]
+            tdist.broadcast_object_list(choice, src=0)
+            found = choice[0]
+        else:
+            found = ckpt_mod.find_resume_checkpoint(output)
         if found is None:
             log.info("--resume auto: no checkpoint in %s, starting fresh", output)
         return found
@@ -106,9 +182,23 @@ def resolve_resume(resume: Optional[str], output: Union[str, Path]) -> Optional[
     return path
 
 
-def save_run_checkpoint(payload: Dict[str, Any], output: Union[str, Path], name: str = LAST_CHECKPOINT) -> Path:
-    """Write ``payload`` as ``output/name``: ``checkpoint_last.pt`` through :func:`~.checkpoint.rotate_and_save`
-    (the previous file survives as ``checkpoint_prev.pt``), anything else (``checkpoint_best.pt``) atomically."""
+def save_run_checkpoint(payload: Dict[str, Any], output: Union[str, Path],
+                        name: str = LAST_CHECKPOINT) -> Optional[Path]:
+    """Write ``payload`` (with a checksum) as ``output/name``: ``checkpoint_last.pt`` through
+    :func:`~.checkpoint.rotate_and_save` (the previous file survives as ``checkpoint_prev.pt``), anything
+    else (``checkpoint_best.pt``) atomically.
+
+    A model whose weights or buffers hold inf/NaN (e.g. BatchNorm statistics after a non-finite forward
+    pass) is not written, with a warning, and None is returned: the last good checkpoint stays in place.
+    """
+    bad = [k for k, v in payload["model"].items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        log.warning("not writing %s at iteration %s: non-finite values in %s; the last good checkpoint is kept",
+                    Path(output) / name, ckpt_mod.checkpoint_iteration(payload), ", ".join(bad[:5])
+                    + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+        return None
+    payload = ckpt_mod.with_checksum(payload)
     if name == LAST_CHECKPOINT:
         return ckpt_mod.rotate_and_save(payload, output, name)
     return ckpt_mod.atomic_save(payload, Path(output) / name)
@@ -133,9 +223,9 @@ def restore_training_state(state: Dict[str, Any], path: Union[str, Path], model:
 
 def run_epochs(
     *, start_iter: int, max_iters: Union[int, Callable[[], int]], iters_per_epoch: int, sampler,
-    train_epoch: Callable[[int, Callable[[int], None]], int], save: Callable[[int], None],
+    train_epoch: Callable[[int, Callable[[int], None]], int], save: Callable[..., None],
     after_epoch: Optional[Callable[[int, bool], None]] = None, checkpoint_every: int = 0, logger=None,
-    output: Union[str, Path] = ".",
+    output: Union[str, Path] = ".", pending_eval: bool = False,
 ) -> int:
     """Run epochs until ``max_iters``; return the final iteration count.
 
@@ -146,14 +236,19 @@ def run_epochs(
             are dropped, so a run resumed mid-epoch continues where it stopped).
         train_epoch: ``train_epoch(it, on_iteration_end) -> next it``: one pass from iteration ``it``,
             calling ``on_iteration_end(done)`` after every iteration.
-        save: ``save(it)`` writes ``checkpoint_last.pt`` (called every ``checkpoint_every``
-            iterations, at every epoch end and on a signal).
+        save: ``save(it, pending_eval=False)`` writes ``checkpoint_last.pt`` (called every
+            ``checkpoint_every`` iterations, at every epoch end and on a signal); ``pending_eval=True``
+            marks a checkpoint written after a pass but before its ``after_epoch`` completed.
         after_epoch: ``after_epoch(it, last)`` after each pass and before its checkpoint
-            (evaluation, best checkpoint); ``last`` is True at ``max_iters``.
+            (evaluation, best checkpoint); ``last`` is True at ``max_iters``. It may raise
+            :class:`Preempted` (an evaluation reading its batches through :func:`preemptible`).
         logger: a :class:`~.logger.RunLogger` for the ``preempted`` / ``stopped_non_finite`` events.
+        pending_eval: the resumed checkpoint was marked ``pending_eval``: run ``after_epoch`` for
+            ``start_iter`` before training on.
 
     Raises:
-        Preempted: SIGTERM/SIGINT arrived; the iteration in flight finished and was checkpointed.
+        Preempted: SIGTERM/SIGINT arrived; the iteration in flight finished and was checkpointed (or
+            the evaluation in flight was abandoned, and the checkpoint says so).
         NonFiniteLossError: from ``train_epoch``, logged and re-raised.
     """
     it = start_iter
@@ -167,23 +262,38 @@ def run_epochs(
 
     with SignalFlag() as sig:
 
+        def stop(done: int, during: str, pending: bool, saved: bool = False) -> None:
+            if not saved:
+                save(done, pending_eval=pending)
+            log_event({"event": "preempted", "signal": sig.signum, "during": during}, done)
+            raise Preempted(f"signal {sig.signum} at iteration {done} (during {during}); checkpoint written to "
+                            f"{output}")
+
         def on_end(done: int) -> None:
-            if checkpoint_every and done % checkpoint_every == 0 and done % iters_per_epoch and done < limit():
+            periodic = bool(checkpoint_every and done % checkpoint_every == 0 and done % iters_per_epoch
+                            and done < limit())
+            if periodic:
                 save(done)
-            if sig.signum is not None:
-                save(done)
-                log_event({"event": "preempted", "signal": sig.signum}, done)
-                raise Preempted(f"signal {sig.signum} at iteration {done}; checkpoint written to {output}")
+            if stop_requested(sig):
+                stop(done, "training", pending=done % iters_per_epoch == 0 or done >= limit(), saved=periodic)
+
+        def finish_pass(done: int) -> None:
+            if after_epoch is not None:
+                try:
+                    after_epoch(done, done >= limit())
+                except Preempted:
+                    stop(done, "evaluation", pending=True)
+            save(done)
 
         try:
+            if pending_eval:
+                finish_pass(it)
             while it < limit():
                 epoch = it // iters_per_epoch
                 sampler.set_epoch(epoch)
                 sampler.skip(it - epoch * iters_per_epoch)
                 it = train_epoch(it, on_end)
-                if after_epoch is not None:
-                    after_epoch(it, it >= limit())
-                save(it)
+                finish_pass(it)
         except NonFiniteLossError:
             log_event({"event": "stopped_non_finite"}, it)
             raise

@@ -5,6 +5,15 @@ The 12 numbers are pycocotools' ``COCOeval.stats`` under readable names. **-1 co
 category / area range, so there is nothing to recall (e.g. ``APl`` on a set without large
 objects, or every stat on an empty val set). A value of 0 means there was ground truth but
 nothing was found. ``per_class_AP`` follows the same convention per category.
+
+The edge cases are defined, never crashes: no detections at all (0 where there is ground truth),
+a category without ground truth (its AP is -1 and it is left out of the mean, even when it has
+detections), images whose only boxes are crowd (detections on them are ignored, neither true nor
+false positives; a set of only such images is all -1), an empty validation set (all -1).
+Detections naming an image or category id that is not in the ground truth are a ``ValueError``
+listing the ids. ``metrics.json`` (``tools/train_det.py``, ``tools/eval_det.py``) keeps the -1 as
+numbers (never ``null``) and carries :data:`UNDEFINED_NOTE` under ``"note"``; the printed table
+ends with the same line.
 """
 from __future__ import annotations
 
@@ -22,10 +31,12 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["STAT_NAMES", "coco_evaluate", "gather_results", "load_coco_gt", "to_coco_results",
+__all__ = ["STAT_NAMES", "UNDEFINED_NOTE", "coco_evaluate", "gather_results", "load_coco_gt", "to_coco_results",
            "write_detections_json"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+UNDEFINED_NOTE = ("-1 = undefined (pycocotools' convention): no non-crowd ground truth in that category or area "
+                  "range, so there is nothing to find; 0 = there was ground truth and none of it was found")
 
 
 def _as_float_list(t: Any) -> List[float]:
@@ -97,12 +108,22 @@ def _load_results(gt: COCO, results: Union[Sequence[Mapping[str, Any]], str, os.
             results = json.load(f)
     if not isinstance(results, (list, tuple)):
         raise ValueError(f"results must be a list of detections, got {type(results).__name__}")
+    for i, r in enumerate(results):  # what loadRes would otherwise meet as a KeyError or IndexError
+        if not isinstance(r, Mapping) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
+            raise ValueError(f"detection {i} must be a dict with image_id, category_id, bbox, score; got {r!r}")
+        ids = (r["image_id"], r["category_id"])
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in ids):
+            raise ValueError(f"detection {i}: image_id and category_id must be integers, got {r['image_id']!r}, "
+                             f"{r['category_id']!r}")
+        if not isinstance(r["bbox"], (list, tuple)) or len(r["bbox"]) != 4:
+            raise ValueError(f"detection {i} (image id {r['image_id']!r}): bbox must be [x, y, w, h], "
+                             f"got {r['bbox']!r}")
     # loadRes writes area/id/iscrowd into the dicts it gets: hand it copies.
-    res = [dict(r, bbox=list(r["bbox"])) if "bbox" in r else dict(r) for r in results]
+    res = [dict(r, bbox=list(r["bbox"])) for r in results]
     unknown_img = {r["image_id"] for r in res} - set(gt.imgs)
     if unknown_img:
-        raise ValueError(f"{len(unknown_img)} result image ids are not in the ground truth, "
-                         f"e.g. {sorted(unknown_img)[:5]}")
+        raise ValueError(f"{len(unknown_img)} result image id(s) are not in the ground truth "
+                         f"({len(gt.imgs)} images): {sorted(unknown_img, key=repr)[:5]}")
     unknown_cat = {r["category_id"] for r in res} - set(gt.cats)
     if unknown_cat:
         raise ValueError(f"result category ids {sorted(unknown_cat)} are not in the ground truth "
@@ -139,8 +160,12 @@ def coco_evaluate(
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}``
-        floats (-1 = undefined, see module docstring), ``"per_class_AP"`` ``{name: AP@[.5:.95]}``
-        and ``"summary"``, pycocotools' printed table plus a per-class table, for the caller to print.
+        floats (-1 = undefined, see module docstring), ``"per_class_AP"`` ``{name: AP@[.5:.95]}``,
+        ``"note"`` (:data:`UNDEFINED_NOTE`) and ``"summary"``, pycocotools' printed table plus a
+        per-class table and the note, for the caller to print.
+
+    Raises:
+        ValueError: detections or ``img_ids`` naming images (or categories) not in the ground truth.
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
@@ -152,12 +177,16 @@ def coco_evaluate(
         raise ValueError(f"{len(class_names)} class names for {len(cat_ids)} categories")
     res_list = _load_results(gt, results)
     eval_ids = sorted(gt.imgs) if img_ids is None else sorted({int(i) for i in img_ids})
+    unknown = sorted(set(eval_ids) - set(gt.imgs))
+    if unknown:
+        raise ValueError(f"img_ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not in the ground truth")
 
     stats = dict.fromkeys(STAT_NAMES, -1.0)
     per_class = {str(n): -1.0 for n in class_names}
     if not eval_ids or not cat_ids:
-        summary = "COCO eval: no images or no categories to evaluate; all stats -1 (undefined)"
-        return {**stats, "per_class_AP": per_class, "summary": summary}
+        summary = (f"COCO eval: no images or no categories to evaluate ({len(eval_ids)} images, {len(cat_ids)} "
+                   f"categories); all stats -1\n{UNDEFINED_NOTE}")
+        return {**stats, "per_class_AP": per_class, "note": UNDEFINED_NOTE, "summary": summary}
 
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(res_list) if res_list else _empty_res(gt)
@@ -179,7 +208,8 @@ def coco_evaluate(
     lines = [buf.getvalue().rstrip(), "", f"{'class':<{width}}  AP@[.5:.95]"]
     lines += [f"{n:<{width}}  {v:.3f}" if v >= 0 else f"{n:<{width}}  -1 (no ground truth)"
               for n, v in per_class.items()]
-    return {**stats, "per_class_AP": per_class, "summary": "\n".join(lines)}
+    lines += ["", UNDEFINED_NOTE]
+    return {**stats, "per_class_AP": per_class, "note": UNDEFINED_NOTE, "summary": "\n".join(lines)}
 
 
 def _jsonable(o: Any) -> Any:

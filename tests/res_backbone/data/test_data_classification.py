@@ -172,3 +172,21 @@ def test_epoch_batch_sampler_is_reproducible_and_skips():
     assert list(s) == second  # skip applies to one pass only
     with pytest.raises(ValueError, match="cannot fill one batch"):
         EpochBatchSampler(2, 3)
+
+
+def test_random_invert_negates_some_images_of_a_batch():
+    from res_backbone.data.cls_transforms import RandomInvert, build_cls_transforms
+
+    torch.manual_seed(0)
+    x = torch.rand(200, 1, 4, 4)
+    y = RandomInvert(0.5)(x)
+    negated = torch.isclose(y, 1 - x).flatten(1).all(1)
+    kept = torch.isclose(y, x).flatten(1).all(1)
+    assert bool((negated | kept).all()) and 60 < int(negated.sum()) < 140
+    u8 = torch.full((3, 2, 2), 10, dtype=torch.uint8)
+    assert torch.equal(RandomInvert(1.0)(u8), torch.full_like(u8, 245))
+    assert torch.equal(RandomInvert(0.0)(x), x)
+    with pytest.raises(ValueError, match="invert"):
+        RandomInvert(1.5)
+    assert "RandomInvert" in repr(build_cls_transforms(train=True, mean=[0.5], std=[0.5], augment="flip", invert=0.5))
+    assert "RandomInvert" not in repr(build_cls_transforms(train=False, mean=[0.5], std=[0.5], invert=0.5))

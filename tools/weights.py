@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Pretrained ResNet weights: what is known, what is on this machine, is a file what it claims.
+
+    python tools/weights.py list [--arch resnet50] [--dir /data/weights] [--json]
+    python tools/weights.py verify ~/.cache/torch/hub/checkpoints/resnet50-11ad3fa6.pth
+    python tools/weights.py convert resnet50-11ad3fa6.pth r50_tv2.safetensors --to res_backbone
+
+Nothing is downloaded. The catalogue lives in :mod:`res_backbone.weights`; this script only parses
+arguments and prints what :mod:`res_backbone.weight_files` and :mod:`res_backbone.weight_convert`
+return.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from res_backbone.pretrained import CheckpointMismatchError  # noqa: E402
+from res_backbone.weight_convert import FORMATS, convert_weights  # noqa: E402
+from res_backbone.weight_files import (  # noqa: E402
+    EXIT_MISMATCH,
+    EXIT_OK,
+    EXIT_UNREADABLE,
+    UnreadableWeightsError,
+    catalogue_rows,
+    format_table,
+    verify_file,
+)
+from res_backbone.weights import archs  # noqa: E402
+
+EPILOG = f"""\
+exit status:
+  list      0
+  verify    {EXIT_OK} every file readable and, where its name carries a hash, matching it;
+            {EXIT_MISMATCH} some file's SHA-256 differs from the hash its name carries;
+            {EXIT_UNREADABLE} some file is missing or cannot be read as a checkpoint (this wins over {EXIT_MISMATCH})
+  convert   {EXIT_OK} written and checked; 1 refused or the check failed (the message names file and key);
+            {EXIT_UNREADABLE} the input is missing or unreadable
+caches searched: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints) and the
+Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub).
+"""
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = catalogue_rows(args.arch, args.dir or ())
+    if args.present:
+        rows = [r for r in rows if r["local"]]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(format_table(rows))
+    found = sum(bool(r["local"]) for r in rows)
+    print(f"\n{len(rows)} weights, {found} present locally (found by file name; 'verify' checks the contents). "
+          "eval/crop: resolution and centre-crop fraction of the published accuracy "
+          "(resize the short side to eval/crop, then crop eval x eval).")
+    return EXIT_OK
+
+
+def _progress_bar(path: Path, quiet: bool):
+    """A tqdm byte counter for files over 64 MiB on a terminal; ``None`` otherwise."""
+    if quiet or not path.is_file() or path.stat().st_size < 64 << 20:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                leave=False, disable=None)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    worst, reports = EXIT_OK, []
+    for name in args.files:
+        bar = _progress_bar(Path(name), args.json or args.quiet)
+        try:
+            rep = verify_file(name, load=not args.no_load, progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        worst = max(worst, rep.exit_code)
+        reports.append(rep)
+        if not args.json:
+            print("\n".join(rep.lines()))
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    return worst
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        res = convert_weights(args.input, args.output, to=args.to, arch=args.arch, overwrite=args.force)
+    except (FileNotFoundError, UnreadableWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    except (CheckpointMismatchError, ValueError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    known = f" ({res.weights})" if res.weights else ""
+    print(f"wrote {res.dst}: {res.to} layout, {res.arch}{known}, {res.num_tensors} tensors")
+    cfg = res.pretrained_cfg
+    test = f", test {cfg['test_input_size']} crop {cfg.get('test_crop_pct')}" if cfg.get("test_input_size") else ""
+    print(f"  data config: input {cfg.get('input_size')}, crop {cfg.get('crop_pct')}{test}, {cfg.get('interpolation')}, "
+          f"mean {cfg.get('mean')}, std {cfg.get('std')}")
+    for line in res.checks:
+        print(f"  checked: {line}")
+    for line in res.notes:
+        print(f"  note: {line}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="List, verify and convert ImageNet ResNet weights (torchvision, timm, res_backbone). "
+                    "Never downloads anything.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,verify,convert}")
+
+    p = sub.add_parser("list", help="every catalogued weight and where it is present locally",
+                       description="Print the catalogue (file, hash prefix, data config, published accuracy) "
+                                   "with the local copies found in the torch hub and Hugging Face caches.")
+    p.add_argument("--arch", choices=archs(), help="only this depth (default all)")
+    p.add_argument("--dir", action="append", metavar="DIR",
+                   help="also look in DIR: as a plain folder of weight files, as a TORCH_HOME and as a "
+                        "Hugging Face hub cache (repeatable)")
+    p.add_argument("--present", action="store_true", help="only the weights found locally")
+    p.add_argument("--json", action="store_true", help="print JSON (every catalogue field, 'local': paths found)")
+    p.set_defaults(func=cmd_list)
+
+    v = sub.add_parser("verify", help="hash files, check them against their names, say which weights they are",
+                       description="Compute each FILE's SHA-256 (streamed). If its name carries a torch-hub hash "
+                                   "prefix (resnet50-11ad3fa6.pth) or it is a Hugging Face blob, report MATCH or "
+                                   "MISMATCH; name the catalogued weights it is by name and by content; read it "
+                                   "(weights-only) and say which architecture its keys and shapes fit.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("files", nargs="+", metavar="FILE", help="checkpoint files (.pth, .pt, .bin, .safetensors)")
+    v.add_argument("--no-load", action="store_true", help="only hash; do not read the tensors")
+    v.add_argument("--json", action="store_true", help="print one JSON report per file instead of text")
+    v.add_argument("--quiet", action="store_true", help="no progress bar while hashing big files")
+    v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("convert", help="rewrite weights in another library's layout, checked by loading them",
+                       description="Read IN (torchvision/timm state dict, {'model'|'state_dict': ...} wrapper, "
+                                   "'module.' prefixes, or a res_backbone checkpoint) and write OUT in the --to "
+                                   "layout; OUT's suffix picks the container (.safetensors, else torch.save). "
+                                   "The result is loaded into the target library's model with strict key "
+                                   "matching and compared tensor by tensor with IN.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("input", metavar="IN", help="source checkpoint")
+    c.add_argument("output", metavar="OUT", help="destination (.pth, .pt, .bin or .safetensors)")
+    c.add_argument("--to", choices=FORMATS,
+                   help="torchvision: plain state dict; timm: plain state dict (hub-style with .safetensors); "
+                        "res_backbone: {'model', 'arch', 'pretrained_cfg', ...} as create_model(pretrained=OUT) "
+                        "reads it. Default: timm for .safetensors, torchvision otherwise")
+    c.add_argument("--arch", help="architecture, e.g. resnet50 (default: from the file's metadata, its catalogue "
+                                  "entry, or the one registered model its shapes fit)")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
