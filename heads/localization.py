@@ -242,8 +242,10 @@ class LocalizationModel(nn.Module):
         b = torch.cat((boxes[:, :2] - self.crop_context * wh, boxes[:, 2:] + self.crop_context * wh), -1) * scale
         rois = torch.cat((torch.arange(len(b), device=b.device, dtype=b.dtype)[:, None], b), 1)
         crops = roi_align(x.float(), rois, self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        return crops.to(x.dtype).contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-            memory_format=torch.channels_last) and not x.is_contiguous() else crops.to(x.dtype)
+        crops = crops.to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            crops = crops.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
+        return crops
 
     @staticmethod
     def class_log_probs(out: Dict[str, torch.Tensor]) -> torch.Tensor:
