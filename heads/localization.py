@@ -144,6 +144,8 @@ class LocalizationModel(nn.Module):
             downscaled by this factor (antialiased) while crops come from the full-resolution image:
             the box needs little resolution, the class needs the object's own pixels. 0.5 makes the
             first pass 4x cheaper.
+        first_cls_weight: with the crop pass, the weight of the first classifier in the reported class
+            probabilities, ``w * p_first + (1 - w) * p_crop`` (0.5: their mean; 0: the crop classifier alone).
 
     Attributes:
         frozen_classifier: True when the backbone and the classification branch are frozen (only the
@@ -151,8 +153,12 @@ class LocalizationModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: LocalizationHead, *, crop_size: int = 0,
-                 crop_context: float = 0.08, crop_jitter: float = 0.1, box_scale: float = 1.0):
+                 crop_context: float = 0.08, crop_jitter: float = 0.1, box_scale: float = 1.0,
+                 first_cls_weight: float = 0.5):
         super().__init__()
+        if not 0 <= first_cls_weight <= 1:
+            raise ValueError(f"first_cls_weight must be in [0, 1], got {first_cls_weight}")
+        self.first_cls_weight = float(first_cls_weight)
         if not 0 < box_scale <= 1:
             raise ValueError(f"box_scale must be in (0, 1], got {box_scale}")
         if box_scale != 1 and not crop_size:
@@ -247,13 +253,13 @@ class LocalizationModel(nn.Module):
             crops = crops.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
         return crops
 
-    @staticmethod
-    def class_log_probs(out: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def class_log_probs(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The reported class scores (log-probabilities): the classifier's, or with the crop pass the
-        mean of the two classifiers' probabilities."""
+        two classifiers' probabilities mixed with ``first_cls_weight`` (default: their mean)."""
         probs = out["logits"].float().softmax(-1)
         if "crop_logits" in out:
-            probs = (probs + out["crop_logits"].float().softmax(-1)) / 2
+            w = self.first_cls_weight
+            probs = w * probs + (1 - w) * out["crop_logits"].float().softmax(-1)
         return probs.clamp_min(1e-12).log()
 
     @torch.no_grad()
@@ -307,7 +313,8 @@ def localization_loss(
 
     Returns:
         ``{"loss_cls", "loss_l1", "loss_giou"}`` (and ``"loss_crop_cls"``, the crop classifier's
-        cross-entropy with ``cls_weight``, when the outputs have ``"crop_logits"``), already weighted (their sum is the training loss).
+        cross-entropy with ``cls_weight``, when the outputs have ``"crop_logits"``), already weighted (their sum
+        is the training loss).
     """
     logits, pred = outputs["logits"], outputs["boxes"].float()
     labels = labels.long()
@@ -335,7 +342,7 @@ def build_localizer(
     *, cls_checkpoint: Union[str, os.PathLike, None] = None, in_chans: int = 3, grid: Optional[int] = None,
     input_size: Optional[int] = None, box_channels: int = 128, hidden: int = 256, drop_rate: float = 0.0,
     crop_size: int = 0, crop_context: float = 0.08, crop_jitter: float = 0.1, box_scale: float = 1.0,
-    **backbone_kwargs,
+    first_cls_weight: float = 0.5, **backbone_kwargs,
 ) -> LocalizationModel:
     """Build a :class:`LocalizationModel`.
 
@@ -355,7 +362,7 @@ def build_localizer(
             (``ceil(input_size / stride)``, at most 4), or 3 without ``input_size``.
         input_size: the side of the (square) training images, for the automatic ``grid``.
         box_channels, hidden, drop_rate: see :class:`LocalizationHead`.
-        crop_size, crop_context, crop_jitter, box_scale: the crop pass (see :class:`LocalizationModel`; 0: none);
+        crop_size, crop_context, crop_jitter, box_scale, first_cls_weight: the crop pass (see :class:`LocalizationModel`; 0: none);
             its classifier starts as a copy of the classification branch (the pretrained one when
             the weights carry a classifier).
         **backbone_kwargs: other ``create_backbone`` options (``norm``, ``frozen_stages``...).
@@ -399,11 +406,12 @@ def build_localizer(
                             box_channels=box_channels, hidden=hidden, drop_rate=drop_rate,
                             in_features=backbone.feature_info[-1]["name"], crop_classifier=crop_size > 0)
     model = LocalizationModel(backbone, head, crop_size=crop_size, crop_context=crop_context, crop_jitter=crop_jitter,
-                              box_scale=box_scale)
+                              box_scale=box_scale, first_cls_weight=first_cls_weight)
     model.build_kwargs = dict(backbone_name=backbone_name, num_classes=num_classes, mode=mode, in_chans=in_chans,
                               grid=grid, box_channels=box_channels, hidden=hidden, drop_rate=drop_rate,
                               **({"crop_size": crop_size, "crop_context": crop_context, "crop_jitter": crop_jitter,
-                                  "box_scale": box_scale} if crop_size else {}), **backbone_kwargs)
+                                  "box_scale": box_scale, "first_cls_weight": first_cls_weight} if crop_size else {}),
+                              **backbone_kwargs)
     frozen = fc is not None
     if fc is None and isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_file():
         fc = _matching_classifier(pretrained, num_classes, head.in_channels)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-flip", action="store_true", default=None,
                    help="test-time flips: class probabilities and boxes averaged with the mirrored image's "
                         "(default: as the checkpoint's run evaluated)")
+    p.add_argument("--first-cls-weight", type=float, default=None, metavar="W",
+                   help="models with a crop pass: weight of the first classifier in the class probabilities "
+                        "(default: the checkpoint's; 0 = the crop classifier alone, 0.5 = the mean)")
     p.add_argument("--output", required=True, help="folder for metrics.json and predictions/")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
@@ -66,6 +69,12 @@ def main(argv=None) -> int:
 
     try:
         model, ck = load_localizer(args.checkpoint)
+        if args.first_cls_weight is not None:
+            if not getattr(model, "crop_size", 0):
+                raise ValueError(f"--first-cls-weight: {args.checkpoint} has no crop pass (one classifier)")
+            if not 0 <= args.first_cls_weight <= 1:
+                raise ValueError(f"--first-cls-weight must be in [0, 1], got {args.first_cls_weight}")
+            model.first_cls_weight = args.first_cls_weight
     except (FileNotFoundError, CorruptCheckpointError, CheckpointMismatchError, ValueError) as e:
         log.error("%s", e)
         return 2
@@ -103,7 +112,8 @@ def main(argv=None) -> int:
         channels_last=args.channels_last, tta_flip=tta_flip, metrics_path=out / "metrics.json", pictures_dir=out / "predictions",
         num_pictures=args.num_pictures, progress=args.progress,
         extra={"checkpoint": str(args.checkpoint), "checkpoint_iter": ck.get("iter"), "val_json": str(val_json),
-               "image_size": size, "model": ck.get("model_name"), "mode": model.mode, "classes": classes},
+               "image_size": size, "model": ck.get("model_name"), "mode": model.mode, "classes": classes,
+               **({"first_cls_weight": model.first_cls_weight} if getattr(model, "crop_size", 0) else {})},
     )
     print(f"top-1 loc err {metrics['top1_loc_err']:.2f}%  top-5 loc err {metrics['top5_loc_err']:.2f}%  "
           f"top-1 cls err {metrics['top1_cls_err']:.2f}%  top-5 cls err {metrics['top5_cls_err']:.2f}%  "

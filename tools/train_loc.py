@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--box-scale", type=float, default=1.0,
                    help="with --crop-size: the first pass (box, first classifier) reads the image downscaled by this "
                         "factor, crops come from the full-resolution image (default 1; 0.5 = a 4x cheaper first pass)")
+    g.add_argument("--first-cls-weight", type=float, default=0.5, metavar="W",
+                   help="with --crop-size: the class probabilities are W x the first classifier's + (1 - W) x the "
+                        "crop classifier's (default 0.5, their mean; 0: the crop classifier alone)")
     d = p.add_argument_group("data")
     d.add_argument("--train-json", help="COCO annotations of the training split")
     d.add_argument("--train-images", help="folder the training json's file_name entries are relative to")
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
             cls_checkpoint=args.cls_checkpoint, grid=args.grid, input_size=cfg.image_size,
             box_channels=args.box_channels, hidden=args.hidden, drop_rate=args.drop_rate,
             crop_size=args.crop_size, crop_context=args.crop_context, crop_jitter=args.crop_jitter,
-            box_scale=args.box_scale, **norm_kw)
+            box_scale=args.box_scale, first_cls_weight=args.first_cls_weight, **norm_kw)
         cfg.transfer = transfer.configure_backbone(
             model.backbone, bn_policy=policy, norm_eval=norm_eval, frozen_stages=args.frozen_stages,
             freeze_backbone_iters=args.freeze_backbone_iters, backbone_lr_mult=args.backbone_lr_mult)

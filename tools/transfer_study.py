@@ -6,7 +6,8 @@
     python tools/transfer_study.py --quick --fmnist-root /tmp/fake --output /tmp/ts    # smoke test, seconds
 
 1. Pre-training: a resnet18 classifier on the Fashion-MNIST *train* split (``cls_run``, grey input,
-   --pretrain-iters iterations), or the given --cls-checkpoint.
+   --pretrain-iters iterations, images inverted with probability --pretrain-invert), or the given
+   --cls-checkpoint.
 2. Detection: canvases of 1-4 Fashion-MNIST *test-split* items on textured backgrounds
    (``res_backbone.data.detection_fmnist``; items never seen in pre-training; train and val canvases
    use disjoint items). A resnet18-FPN Faster R-CNN is trained in four arms (``transfer_study.ARMS``:
@@ -74,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--det-minutes", type=opt_float, default=None, help="training minutes per detection arm (overrides)")
     b.add_argument("--loc-minutes", type=opt_float, default=None, help="training minutes per localization arm (overrides)")
     b.add_argument("--num-evals", type=int, default=6, help="evaluations per arm, evenly spaced in time (default 6)")
-    b.add_argument("--pretrain-iters", type=int, default=500, help="step 1: classifier iterations, batch 64 (default 500)")
+    b.add_argument("--pretrain-iters", type=int, default=1500,
+                   help="step 1: classifier iterations, batch 64 (default 1500, ~3.7 min here)")
+    b.add_argument("--pretrain-invert", type=float, default=0.5,
+                   help="step 1: probability of inverting a training image (default 0.5: the canvases hold items of "
+                        "both polarities, see --det-dark-prob; 0 trains on Fashion-MNIST's bright-on-dark only)")
     d = p.add_argument_group("detection")
     d.add_argument("--det-train", type=int, default=2000, help="training canvases (default 2000)")
     d.add_argument("--det-val", type=int, default=150, help="validation canvases (default 150)")
@@ -109,6 +114,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.pretrain_iters, args.num_evals = 4, 2
     args.det_train, args.det_val, args.det_canvas, args.det_scale, args.det_batch = 8, 4, 64, [20.0, 30.0], 2
     args.loc_train, args.loc_val, args.loc_canvas, args.loc_batch = 16, 8, 32, 8
+    args.det_lr = min(args.det_lr, 0.01)  # 4 pre-training steps leave BN statistics that 0.02 can blow up on 8 canvases
     args.det_minutes = args.det_minutes or 0.04
     args.loc_minutes = args.loc_minutes or 0.02
 
@@ -126,11 +132,12 @@ def pretrain(args, work: Path) -> dict:
     cfg = cls_run.ClsTrainConfig(
         output=str(work / "pretrain"), backbone="resnet18", data_dir=args.fmnist_root, max_iters=args.pretrain_iters,
         batch_size=64 if not args.quick else 8, lr=0.05, schedule="cosine", warmup_iters=min(30, args.pretrain_iters),
-        augment="flip", amp=args.amp, channels_last=True, limit_val=2000, seed=args.seed, progress=False,
-        checkpoint_every=10**6)
+        augment="flip", invert=args.pretrain_invert, amp=args.amp, channels_last=True, limit_val=2000, seed=args.seed,
+        progress=False, checkpoint_every=10**6)
     m = cls_run.run(cfg)
     return {"checkpoint": str(work / "pretrain" / "checkpoint_best.pt"), "arch": "resnet18", "iters": m.get("iter"),
-            "top1_err": m.get("top1_err"), "train_time_s": m.get("train_time_s"), "reused": False}
+            "top1_err": m.get("top1_err"), "train_time_s": m.get("train_time_s"), "invert": args.pretrain_invert,
+            "reused": False}
 
 
 def run_arms(args, budget_s: float, batch_size: int, lr: float, warmup_iters: int, setup, task: str) -> list:

@@ -69,7 +69,7 @@ def decode_boxes(
     h = (references[:, 3] - references[:, 1])[:, None]
     cx = references[:, 0, None] + 0.5 * w
     cy = references[:, 1, None] + 0.5 * h
-    d = deltas.reshape(deltas.shape[0], -1, 4)
+    d = deltas.unflatten(-1, (-1, 4)) if deltas.dim() == 2 else deltas  # (N, C, 4), N = 0 included
     dx, dy = d[..., 0] / wx, d[..., 1] / wy
     dw = (d[..., 2] / ww).clamp(max=clip)
     dh = (d[..., 3] / wh).clamp(max=clip)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ def train_one_epoch(
     *,
     device: torch.device,
     start_iter: int,
-    max_iters: int,
+    max_iters: Union[int, Callable[[], int]],
     lr_at: Callable[[int], float],
     amp: str = "none",
     scaler: Optional[torch.amp.GradScaler] = None,
@@ -47,6 +47,8 @@ def train_one_epoch(
     """Run one pass over ``loader`` (or until ``max_iters``); return the next iteration index.
 
     Args:
+        max_iters: the iteration to stop at, or a callable returning it (read before every iteration,
+            so a time budget can re-size the run while it trains).
         lr_at: sets the learning rate for an iteration and returns it (see :mod:`.optim`).
         amp: ``none``, ``bf16`` or ``fp16`` (fp16 wants a ``scaler``).
         on_iteration_end: called with the number of completed iterations (checkpointing, unfreezing).
@@ -59,8 +61,11 @@ def train_one_epoch(
     step = OptimizerStep(optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip,
                          max_bad_steps=max_bad_steps, logger=logger)
     t_last, n_imgs = time.perf_counter(), 0
+    def limit() -> int:
+        return int(max_iters()) if callable(max_iters) else int(max_iters)
+
     for images, image_sizes, targets in loader:
-        if it >= max_iters:
+        if it >= limit():
             break
         fault_point("batch", it)
         lr = lr_at(it)
@@ -71,7 +76,7 @@ def train_one_epoch(
         step(loss, it, lambda: {k: float(v.detach()) for k, v in losses.items()})
         it += 1
         n_imgs += images.shape[0]
-        if it % log_every == 0 or it == max_iters:
+        if it % log_every == 0 or it == limit():
             now = time.perf_counter()
             record = {k: float(all_reduce_mean(v.detach())) for k, v in losses.items()}
             record.update(loss=sum(record.values()), lr=lr, img_per_s=n_imgs / max(now - t_last, 1e-9))

@@ -41,6 +41,7 @@ from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-export
 )
 
 log = logging.getLogger(__name__)
+RESIZE_EVERY = 100  # with a time budget, the plan is re-sized from the speed so far every this many iterations
 METRIC_KEYS = ("top1_loc_err", "top5_loc_err", "top1_cls_err", "top5_cls_err", "mean_iou", "gt_known_loc_err")
 
 
@@ -233,7 +234,8 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     iters_per_epoch = len(data.train_loader)
     # plan: the schedule's length ("max_iters") and where the current pass stops ("stop"). With a time
-    # budget, the first calib_iters iterations run at the cap's schedule, then both are sized from the speed.
+    # budget, the first calib_iters iterations run at the cap's schedule, then both are sized from the speed,
+    # and re-sized every RESIZE_EVERY iterations (evaluation time is not training time).
     cap = cfg.max_iters or cfg.epochs * iters_per_epoch
     plan = {"max_iters": cap, "stop": cap, "sized": not cfg.time_budget}
     state = {"best": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "plan_max_iters": None}
@@ -278,7 +280,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
 
     session = {"start_iter": it, "mark": None}
 
-    def size_plan(done: int) -> None:
+    def size_plan(done: int, quiet: bool = False) -> None:
         """Time budget: the iterations that fit in what is left of it, at the speed measured so far."""
         t_mark, i_mark = session["mark"] or (clock["done"], session["start_iter"])
         rate = (elapsed() - t_mark) / max(1, done - i_mark)  # seconds per iteration
@@ -289,7 +291,8 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         bar.refresh()
         logger.log({"event": "time_budget", "budget_min": cfg.time_budget, "s_per_iter": round(rate, 4),
                     "max_iters": plan["max_iters"]}, step=done)
-        log.info("time budget %.1f min: %.3f s/iteration -> %d iterations", cfg.time_budget, rate, plan["max_iters"])
+        (log.debug if quiet else log.info)("time budget %.1f min: %.3f s/iteration -> %d iterations", cfg.time_budget,
+                                           rate, plan["max_iters"])
 
     def train_epoch(start: int, on_end: Callable[[int], None]) -> int:
         def on_iteration_end(done: int) -> None:
@@ -297,12 +300,14 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
                 session["mark"] = (elapsed(), done)
             if not plan["sized"] and done >= plan["stop"]:
                 size_plan(done)
+            elif cfg.time_budget and done % RESIZE_EVERY == 0 and done < plan["max_iters"]:
+                size_plan(done, quiet=True)  # the speed drifts (caches, data, other jobs): keep to the budget
             if freezer.update(done):
                 logger.log({"event": "backbone_unfrozen"}, step=done)
             on_end(done)
 
         return train_one_epoch(
-            runner, data.train_loader, optimizer, device=device, start_iter=start, max_iters=plan["stop"],
+            runner, data.train_loader, optimizer, device=device, start_iter=start, max_iters=lambda: plan["stop"],
             lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
                 i, max_iters=plan["max_iters"], warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
                 milestones=cfg.milestones)),

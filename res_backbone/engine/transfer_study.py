@@ -67,8 +67,10 @@ def markdown_report(result: Mapping) -> str:
     pre = result.get("pretrain") or {}
     if pre:
         lines += [f"Pre-training: {pre.get('arch', 'resnet18')} classifier on the Fashion-MNIST train split, "
-                  f"{pre.get('iters', '?')} iterations, top-1 error {_fmt(pre.get('top1_err'), 2)}% "
-                  f"(`{pre.get('checkpoint')}`).", ""]
+                  f"{pre.get('iters', '?')} iterations"
+                  + (f", images inverted with probability {pre['invert']}" if pre.get("invert") else "")
+                  + f", top-1 error {_fmt(pre.get('top1_err'), 2)}% (`{pre.get('checkpoint')}`).", ""]
+
     def halfway(a: Mapping, key: str, budget_s: float) -> Optional[float]:
         pts = [p for p in a["curve"] if p["train_time_s"] <= 0.55 * budget_s]
         return pts[-1][key] if pts else None

@@ -41,3 +41,9 @@ def test_matches_torchvision():
     torch.testing.assert_close(ours.decode(deltas, ref), tv.decode(deltas, [ref]).reshape(50, 2, 4), rtol=0, atol=1e-4)
     tgt = ours.decode(deltas[:, :4], ref)[:, 0]
     torch.testing.assert_close(ours.encode(tgt, ref), tv.encode_single(tgt, ref), rtol=0, atol=1e-4)
+
+
+def test_decode_zero_references_keeps_the_class_axis():
+    # An eval batch whose RPN kept no proposal decodes zero rows; the class axis must survive.
+    assert decode_boxes(torch.zeros(0, 12), torch.zeros(0, 4)).shape == (0, 3, 4)
+    assert BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0, 1, 4)

@@ -60,6 +60,19 @@ def test_train_step_and_eval(arch):
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
 
 
+@pytest.mark.parametrize("arch", ["fpn", "c4"])
+def test_no_proposals_gives_empty_detections(arch, monkeypatch):
+    # A diverged or untrained RPN can keep no box at all (every score non-finite); evaluation must go on.
+    model = build_detector("resnet18", num_classes=3, arch=arch, **_kw(arch)).eval()
+    empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    monkeypatch.setattr(model.rpn, "forward", lambda features, sizes, targets=None: (empty, {}))
+    with torch.no_grad():
+        dets = model(_batch()[0], SIZES)
+    assert len(dets) == 2
+    for det in dets:
+        assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,) and det["labels"].shape == (0,)
+
+
 def test_empty_targets_and_giou():
     model = build_detector("resnet18", num_classes=2, box_loss="giou", **SMALL)
     images, targets = _batch()

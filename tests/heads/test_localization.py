@@ -237,3 +237,22 @@ def test_box_scale_runs_the_first_pass_on_a_smaller_image():
         build_localizer("resnet18", K, "scr", box_scale=0.5)
     with pytest.raises(ValueError, match="box_scale"):
         build_localizer("resnet18", K, "scr", crop_size=16, box_scale=1.5)
+
+
+def test_first_cls_weight_mixes_the_two_classifiers_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    model = build_localizer("resnet20", K, "scr", crop_size=16, first_cls_weight=0.0).eval()
+    with torch.no_grad():
+        out, pred = model(x), model.predict(x, k=K)
+    crop = out["crop_logits"].softmax(-1).sort(-1, descending=True).values
+    assert torch.allclose(pred["scores"], crop, atol=1e-5)  # w = 0: the crop classifier alone
+    model.first_cls_weight = 0.25
+    mixed = 0.25 * out["logits"].softmax(-1) + 0.75 * out["crop_logits"].softmax(-1)
+    assert torch.allclose(model.class_log_probs(out).exp(), mixed, atol=1e-5)
+    model.first_cls_weight = 0.0
+    path = tmp_path / "loc.pt"
+    torch.save({"model": model.state_dict(), "localizer_kwargs": model.build_kwargs}, path)
+    assert load_localizer(path)[0].first_cls_weight == 0.0
+    with pytest.raises(ValueError, match="first_cls_weight"):
+        build_localizer("resnet20", K, "scr", crop_size=16, first_cls_weight=1.5)

@@ -88,6 +88,8 @@ def test_eval_recomputes_the_metrics(trained, tmp_path):
         assert m[k] == pytest.approx(train_m[k], abs=1e-6), k
     assert (tmp_path / "predictions" / "val.png").is_file()
     assert eval_loc.main(["--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path)]) == 2
+    assert eval_loc.main(["--checkpoint", str(trained / "checkpoint_last.pt"), "--output", str(tmp_path),
+                          "--first-cls-weight", "0"]) == 2  # one classifier: nothing to weigh
 
 
 def test_sigterm_checkpoints_and_resume_continues(base, monkeypatch):
@@ -147,11 +149,25 @@ def test_time_budget_sizes_the_run(base, tmp_path):
                                 "--output", str(out))) == 0
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     sized = [r for r in logs if r.get("event") == "time_budget"]
-    assert len(sized) == 1 and sized[0]["iteration"] == 30
+    # sized after 30 iterations, then re-sized every 100 from the speed so far
+    assert sized[0]["iteration"] == 30 and all(r["iteration"] % 100 == 0 for r in sized[1:])
     m = json.loads((out / "metrics.json").read_text())
-    assert m["iter"] == m["max_iters"] == sized[0]["max_iters"] and 30 <= m["iter"] < 1000  # sized, not the cap
-    spent_at_30 = 30 * sized[0]["s_per_iter"]
-    assert m["iter"] == 30 or m["iter"] * sized[0]["s_per_iter"] == pytest.approx(3.0, abs=spent_at_30 + 0.5)
+    assert m["iter"] == m["max_iters"] == sized[-1]["max_iters"] and 30 <= m["iter"] < 1000  # sized, not the cap
+    assert m["train_time_s"] == pytest.approx(3.0, abs=30 * sized[0]["s_per_iter"] + 0.5)  # the budget, kept
+
+
+def test_crop_pass_recipe_flags_and_eval_override(base, tmp_path):
+    out = tmp_path / "crop"
+    assert train_loc.main(_tiny(base, "--crop-size", "12", "--box-scale", "0.5", "--first-cls-weight", "0.25",
+                                "--max-iters", "3", "--output", str(out))) == 0
+    ck = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert ck["localizer_kwargs"]["crop_size"] == 12 and ck["localizer_kwargs"]["first_cls_weight"] == 0.25
+    for w, expected in ((None, 0.25), ("0", 0.0), ("1", 1.0)):  # the checkpoint's weight unless overridden
+        assert eval_loc.main(["--checkpoint", str(out / "checkpoint_last.pt"), "--output", str(tmp_path / str(w)),
+                              "--no-progress", "--num-pictures", "2", *(["--first-cls-weight", w] if w else [])]) == 0
+        assert json.loads((tmp_path / str(w) / "metrics.json").read_text())["first_cls_weight"] == expected
+    assert eval_loc.main(["--checkpoint", str(out / "checkpoint_last.pt"), "--output", str(tmp_path / "bad"),
+                          "--first-cls-weight", "1.5"]) == 2
 
 
 def _coco_set(folder: Path) -> Path:
