@@ -300,7 +300,7 @@ def topk_predictions(outputs: Dict[str, torch.Tensor], k: int = 5) -> Dict[str, 
 
 def localization_loss(
     outputs: Dict[str, torch.Tensor], labels: torch.Tensor, boxes: torch.Tensor, *, cls_weight: float = 1.0,
-    l1_weight: float = 5.0, giou_weight: float = 2.0,
+    l1_weight: float = 5.0, giou_weight: float = 2.0, label_smoothing: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """Cross-entropy + L1 + generalized IoU (Rezatofighi et al., 2019), DETR's weights by default.
 
@@ -310,6 +310,7 @@ def localization_loss(
         boxes: (N, 4) target boxes, normalised xyxy.
         cls_weight, l1_weight, giou_weight: the terms' weights (the L1 is the mean over the 4
             coordinates, the GIoU loss the mean over images).
+        label_smoothing: of both cross-entropies (0: none).
 
     Returns:
         ``{"loss_cls", "loss_l1", "loss_giou"}`` (and ``"loss_crop_cls"``, the crop classifier's
@@ -325,12 +326,13 @@ def localization_loss(
                          "targets must be (N, 4) normalised xyxy")
     boxes = boxes.to(pred.dtype)
     losses = {
-        "loss_cls": cls_weight * F.cross_entropy(logits.float(), labels),
+        "loss_cls": cls_weight * F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing),
         "loss_l1": l1_weight * F.l1_loss(pred, boxes),
         "loss_giou": giou_weight * generalized_box_iou_loss(pred, boxes, reduction="mean"),
     }
     if "crop_logits" in outputs:
-        losses["loss_crop_cls"] = cls_weight * F.cross_entropy(outputs["crop_logits"].float(), labels)
+        losses["loss_crop_cls"] = cls_weight * F.cross_entropy(outputs["crop_logits"].float(), labels,
+                                                               label_smoothing=label_smoothing)
     return losses
 
 

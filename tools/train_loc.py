@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(statistics fixed, affine trained), trainable; default frozen with --pretrained and fewer "
                         "than 16 images per batch, else trainable")
     t.add_argument("--cls-weight", type=float, default=1.0, help="weight of the cross-entropy term (default 1)")
+    t.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the classifiers' cross-entropy (default 0)")
     t.add_argument("--l1-weight", type=float, default=5.0, help="weight of the L1 box term, normalised coordinates (default 5)")
     t.add_argument("--giou-weight", type=float, default=2.0, help="weight of the generalized-IoU box term (default 2)")
     t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 uses a grad scaler, CUDA)")
@@ -220,8 +222,10 @@ def main(argv=None) -> int:
         model.backbone.pretrained_cfg = dict(model.pretrained_cfg, mean=list(mean), std=list(std),
                                              input_size=[3, cfg.image_size, cfg.image_size])
         data = loc_run.prepare_data(cfg, train_set, val_set, mean, std)
+        if not 0 <= args.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
         loss_fn = partial(localization_loss, cls_weight=args.cls_weight, l1_weight=args.l1_weight,
-                          giou_weight=args.giou_weight)
+                          giou_weight=args.giou_weight, label_smoothing=args.label_smoothing)
         metrics = loc_run.fit(model, loss_fn, data, cfg)
     except loc_run.Preempted as e:
         log.warning("%s", e)

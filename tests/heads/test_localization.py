@@ -256,3 +256,15 @@ def test_first_cls_weight_mixes_the_two_classifiers_and_round_trips(tmp_path):
     assert load_localizer(path)[0].first_cls_weight == 0.0
     with pytest.raises(ValueError, match="first_cls_weight"):
         build_localizer("resnet20", K, "scr", crop_size=16, first_cls_weight=1.5)
+
+
+def test_label_smoothing_softens_both_cross_entropies():
+    logits = torch.tensor([[8.0, 0.0, 0.0, 0.0]])
+    out = {"logits": logits, "crop_logits": logits.clone(), "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]])}
+    labels, boxes = torch.tensor([0]), torch.tensor([[0.1, 0.1, 0.5, 0.5]])
+    hard = localization_loss(out, labels, boxes)
+    soft = localization_loss(out, labels, boxes, label_smoothing=0.1)
+    for k in ("loss_cls", "loss_crop_cls"):  # a confident right answer costs more once the targets are smoothed
+        expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+        assert soft[k] > hard[k] and torch.isclose(soft[k], expected)
+    assert soft["loss_l1"] == hard["loss_l1"] and soft["loss_giou"] == hard["loss_giou"]

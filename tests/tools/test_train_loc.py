@@ -168,6 +168,8 @@ def test_crop_pass_recipe_flags_and_eval_override(base, tmp_path):
         assert json.loads((tmp_path / str(w) / "metrics.json").read_text())["first_cls_weight"] == expected
     assert eval_loc.main(["--checkpoint", str(out / "checkpoint_last.pt"), "--output", str(tmp_path / "bad"),
                           "--first-cls-weight", "1.5"]) == 2
+    assert train_loc.main(_tiny(base, "--label-smoothing", "1.0", "--max-iters", "1", "--output",
+                                str(tmp_path / "ls"))) == 2
 
 
 def _coco_set(folder: Path) -> Path:
