@@ -15,13 +15,14 @@ read the ``model`` entry of these files directly.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -32,6 +33,32 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
+@contextlib.contextmanager
+def atomic_target(path: PathLike, *, fsync_dir: bool = True) -> Iterator[str]:
+    """A temporary file in ``path``'s folder to write; renamed over ``path`` when the block ends, removed
+    if it raises. Readers see the old file or the whole new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        if fsync_dir:
+            _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_synced(tmp: str, write) -> None:
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_save(obj: Any, path: PathLike, *, before_rename=None) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -39,25 +66,13 @@ def atomic_save(obj: Any, path: PathLike, *, before_rename=None) -> Path:
     checkpoint under the final name. ``before_rename()``, if given, runs once the new bytes are safely
     on disk and before the rename (what :func:`rotate_and_save` uses to keep the previous file).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_target(path) as tmp:
+        _write_synced(tmp, lambda f: torch.save(obj, f))
         if isinstance(obj, dict):
             fault_point("save", obj.get("iteration", obj.get("iter")))
         if before_rename is not None:
             before_rename()
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -229,17 +244,6 @@ def rotate_and_save(obj: Any, output_dir: PathLike, name: str = "checkpoint_last
 
 def atomic_write_text(text: str, path: PathLike) -> Path:
     """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_target(path, fsync_dir=False) as tmp:
+        _write_synced(tmp, lambda f: f.write(text.encode("utf-8")))
+    return Path(path)
