@@ -41,6 +41,8 @@ def test_writes_json_png_and_markdown(study):
     assert (out / "transfer_det.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["machine"]["cpu_count"] >= 1 and _finite(result["timings"]["total_s"])
     assert result["pretrain"]["arch"] == "resnet18" and Path(result["pretrain"]["checkpoint"]).is_file()
+    assert result["pretrain"]["invert"] == 0.5  # polarity-blind step 1 by default (--pretrain-invert)
+    assert "images inverted with probability 0.5" in (out / "transfer.md").read_text()
     md = (out / "transfer.md").read_text()
     for arm in ARMS:
         assert md.count(f"| {arm.label} |") == 2, arm.label  # one row in each task's table
