@@ -46,10 +46,11 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
         conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
     ).to(conv.weight.device, conv.weight.dtype)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
+    # in float64, so that the folded weights are the correctly rounded float32 of the exact product
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    fused.weight.copy_(conv.weight.double() * scale.reshape(-1, 1, 1, 1))
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(bn.running_mean, dtype=torch.float64)
+    fused.bias.copy_(bn.bias.double() + (bias - bn.running_mean.double()) * scale)
     return fused
 
 
@@ -187,8 +188,26 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def cast_for_autocast(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    """Store every conv's and linear layer's weight and bias in ``dtype`` (in place).
+
+    Under ``torch.autocast(dtype=dtype)`` those layers compute in ``dtype`` anyway, casting their
+    float32 parameters on every call (one copy kernel per tensor and call: a large share of a GPU
+    forward at batch 1); stored in ``dtype`` they are used as they are, with bitwise the same
+    results. The model must then run under autocast. ``None`` leaves the model as it is.
+    """
+    if dtype is None or dtype == torch.float32:
+        return model
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.to(dtype)
+    return model
+
+
 def prepare_for_inference(
-    model: nn.Module, channels_last: bool = True, fold_bn: bool = True, fuse: bool = False
+    model: nn.Module, channels_last: bool = True, fold_bn: bool = True, fuse: bool = False,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Return an eval-mode copy of ``model`` ready for fast inference.
 
@@ -203,6 +222,9 @@ def prepare_for_inference(
         fuse: fuse ReLU and the residual add into the conv of folded blocks (needs ``fold_bn``);
             a oneDNN kernel on CPU, plain ops on other devices. Off by default: no gain measured
             on an idle CPU (see the module docstring).
+        autocast_dtype: ``torch.bfloat16``/``torch.float16`` when the copy will only run under
+            ``torch.autocast`` with that dtype: conv and linear weights are stored in it
+            (:func:`cast_for_autocast`), same results, no per-call weight casts.
 
     Returns:
         A new module in eval mode; gradients are disabled on its parameters. Run it under
@@ -215,6 +237,7 @@ def prepare_for_inference(
             fuse_activations(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
+    cast_for_autocast(fast, autocast_dtype)
     for p in fast.parameters():
         p.requires_grad_(False)
     return fast.eval()  # again: the modules the rewrites created start in training mode

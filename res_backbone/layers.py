@@ -10,13 +10,18 @@ section 3.4). Which one is a deployment choice, so it is a keyword, not a subcla
 * ``"gn"``        - ``nn.GroupNorm`` with 32 groups (or fewer when the width is not divisible)
 """
 
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
+
+
+@torch.jit.unused
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 class FrozenBatchNorm2d(_TVFrozenBatchNorm2d):
@@ -43,6 +48,35 @@ class FrozenBatchNorm2d(_TVFrozenBatchNorm2d):
             if new is not child:
                 setattr(module, name, new)
         return module
+
+    @torch.jit.unused
+    def _affine(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` as ``(1, C, 1, 1)`` tensors in ``x``'s dtype, computed as torchvision does
+        and cached until a buffer changes (its data pointer or in-place version), the dtype or the
+        inference mode does: four small ops and kernel launches less per layer and call, which is
+        what a GPU forward at small batch is bound by."""
+        bufs = (self.weight, self.bias, self.running_mean, self.running_var)
+        key = (x.dtype, torch.is_inference_mode_enabled()) + tuple((b.data_ptr(), b._version) for b in bufs)
+        cache = self.__dict__.get("_affine_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        w, b, rm, rv = (t.reshape(1, -1, 1, 1) for t in bufs)
+        scale = w * (rv + self.eps).rsqrt()
+        shift = b - rm * scale
+        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        self.__dict__["_affine_cache"] = (key, scale, shift)
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torchvision's arithmetic (x * scale, then + shift: the same roundings in float32), with the
+        # addition in place on the product (one large temporary less: 6% of a ResNet-50-FPN forward on
+        # CPU). Under autocast the output keeps the input's dtype (torchvision's promotes to float32).
+        if torch.jit.is_scripting() or _compiling():
+            scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+            shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+            return (x * scale.to(x.dtype)).add_(shift.to(x.dtype))
+        scale, shift = self._affine(x)
+        return (x * scale).add_(shift)
 
 
 def _group_count(channels: int, preferred: int = 32) -> int:

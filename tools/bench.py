@@ -122,16 +122,17 @@ def cmd_detector(args: argparse.Namespace) -> None:
         runs.append(bench_detector(
             name, image_size=args.image_size, batch_size=args.batch_size,
             train_batch_size=0 if args.no_train else args.train_batch_size, num_classes=args.num_classes,
-            repeats=args.repeats, warmup=args.warmup, device=args.device, amp=args.amp,
+            repeats=args.repeats, warmup=args.warmup, device=args.device, amp=args.amp, roi_align=args.roi_align,
         ))
     for run in runs:
-        print(f"\n{run['model']}  (ms per call, median; speed-up = torchvision time / ours)")
-        speed = {(q["mode"], q["contender"]): q["speedup_vs_torchvision"] for q in run["ratios"]}
-        print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'ms/call':>9} {'speed-up':>9}")
+        print(f"\n{run['model']}  (ms per call, median; speed-up = torchvision time / ours, of the medians and "
+              "the median of the per-repeat ratios)")
+        speed = {(q["mode"], q["contender"]): q for q in run["ratios"]}
+        print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'ms/call':>9} {'speed-up':>9} {'paired':>7}")
         for r in run["results"]:
             q = speed.get((r["mode"], r["contender"]))
             print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<12} {r['median_ms']:>9.1f} "
-                  + (f"{q:>9.2f}" if q else f"{'':>9}"))
+                  + (f"{q['speedup_vs_torchvision']:>9.2f} {q['speedup_paired_median']:>7.2f}" if q else f"{'':>9}"))
         for k, e in run["equivalence"].items():
             print(f"equivalence torchvision vs {k}: same labels {e['same_labels']}, detections {e['num_detections']}, "
                   f"max |box diff| {e['max_box_diff_px']} px, max |score diff| {e['max_score_diff']}")
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--amp", choices=tuple(benchmark.AMP_DTYPES), default="none",
                    help="autocast dtype for every contender (default none = fp32)")
     d.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
+    d.add_argument("--roi-align", choices=("auto", "bag", "torchvision"), default="auto",
+                   help="our RoIAlign: 'bag' (fused embedding-bag gather, heads/detection/roi_align.py), "
+                        "'torchvision' (torchvision.ops.roi_align per level), 'auto' = bag on CPU, torchvision's "
+                        "kernel elsewhere (default auto)")
     d.add_argument("--output", metavar="FILE.json", help="write results, ratios, equivalence and environment here")
     d.set_defaults(func=cmd_detector)
 

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default none)")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="predict with the model as trained instead of its inference copy (BatchNorm folded into "
+                        "the convs, channels-last; same detections within float rounding, 1.2-1.6x faster on CPU)")
     p.add_argument("--num-pictures", type=int, default=8, help="val images drawn into predictions/ (default 8)")
     p.add_argument("--output", required=True, help="folder for metrics.json, detections.json, predictions/")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
     from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text
     from res_backbone.engine.det_run import DetData, write_pictures
     from res_backbone.engine.detection import autocast
+    from res_backbone.benchmark import AMP_DTYPES
     from res_backbone.evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
     from res_backbone.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
@@ -94,6 +98,8 @@ def main(argv=None) -> int:
     bar = tqdm(total=n_variants * len(dataset), desc="eval", unit="img", disable=not args.progress)
     for model, ck in loaded:
         model.to(device)
+        if args.fast_path:
+            model = model.inference_copy(AMP_DTYPES[args.amp])
         pcfg = ck.get("pretrained_cfg") or {}
         mean, std = pcfg.get("mean", IMAGENET_MEAN), pcfg.get("std", IMAGENET_STD)
         for scale in scales:
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
     print(metrics.get("summary", ""))
     metrics_out = {k: v for k, v in metrics.items() if k != "summary"}
     metrics_out["evaluated"] = {"checkpoints": args.checkpoint, "scales": scales, "flip": args.tta_flip,
-                                "merge": args.merge if n_variants > 1 else None, "val_json": val_json}
+                                "merge": args.merge if n_variants > 1 else None, "val_json": val_json,
+                                "fast_path": args.fast_path}
     atomic_write_text(json.dumps(metrics_out, indent=2) + "\n", out_dir / "metrics.json")
     write_detections_json(results, out_dir / "detections.json")
     data = DetData(dataset, dataset, None, None, None, val_json, list(cat_ids), list(dataset.class_names))

@@ -9,7 +9,7 @@ transform keeps the input as is). Contenders, timed interleaved (median over rep
   called as users call it: a list of images, its internal transform included.
 * ``ours_eager``: our model in eval/train mode on the NCHW batch.
 * ``ours`` (inference only): :func:`~heads.detection.faster_rcnn.prepare_for_inference` (BN folded,
-  channels-last).
+  channels-last; with ``amp``, conv and linear weights stored in the autocast dtype).
 
 Training runs one SGD step (forward with targets, sum of losses, backward, step).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
 import warnings
 from typing import Callable, List, Optional
 
@@ -105,17 +106,21 @@ def bench_detector(
     warmup: int = 1,
     device: str = "cpu",
     amp: str = "none",
+    roi_align: str = "auto",
     progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Time inference and one training step of torchvision's and our Faster R-CNN-FPN on ``depth``.
+
+    ``roi_align`` sets our pooler's implementation (:class:`~heads.detection.roi_heads.MultiLevelRoIAlign`'s ``impl``).
 
     Returns:
         ``{"model", "equivalence": {...}, "results": [BenchResult dicts], "ratios": [...]}``.
     """
     dev = torch.device(device)
     tv, ours = build_pair(depth, num_classes, image_size)
+    ours.roi_heads.pooler.impl = roi_align
     tv, ours = tv.to(dev).eval(), ours.to(dev).eval()
-    fast = prepare_for_inference(ours)
+    fast = prepare_for_inference(ours, autocast_dtype=AMP_DTYPES[amp])
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(1)).to(dev)
     sizes = [(image_size, image_size)] * batch_size
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -159,7 +164,11 @@ def bench_detector(
         results += [BenchResult(depth, k, "train", train_batch_size, t) for k, t in times.items()]
 
     base = {(r.mode,): r for r in results if r.contender == "torchvision"}
-    ratios = [{"mode": r.mode, "contender": r.contender, "speedup_vs_torchvision": base[(r.mode,)].median_s / r.median_s}
+    # the machine's speed drifts between repeats (this project's 2-core CPU: +-15%), and the contenders
+    # are timed interleaved, so the median of the per-repeat ratios is the steadier statistic
+    ratios = [{"mode": r.mode, "contender": r.contender, "speedup_vs_torchvision": base[(r.mode,)].median_s / r.median_s,
+               "speedup_paired_median": statistics.median(
+                   t / o for t, o in zip(base[(r.mode,)].times_s, r.times_s))}
               for r in results if r.contender != "torchvision"]
-    return {"model": f"{depth}_fpn", "image_size": image_size, "equivalence": equivalence,
+    return {"model": f"{depth}_fpn", "image_size": image_size, "roi_align": roi_align, "equivalence": equivalence,
             "results": [r.to_dict() for r in results], "ratios": ratios}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from res_backbone import create_backbone
-from res_backbone.inference import fold_batchnorm
+from res_backbone.inference import cast_for_autocast, fold_batchnorm
 
 from .roi_heads import MultiLevelRoIAlign, Res5Head, RoIHeads, TwoFCHead
 from .rpn import RegionProposalNetwork
@@ -39,6 +39,11 @@ class FasterRCNN(nn.Module):
         super().__init__()
         self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
         self.input_memory_format: Optional[torch.memory_format] = None  # set by prepare_for_inference
+
+    def inference_copy(self, autocast_dtype: Optional[torch.dtype] = None) -> "FasterRCNN":
+        """:func:`prepare_for_inference` of this model (what the training and evaluation tools predict
+        with; ``autocast_dtype`` when they predict under autocast)."""
+        return prepare_for_inference(self, autocast_dtype=autocast_dtype)
 
     @property
     def num_classes(self) -> int:
@@ -173,18 +178,28 @@ def build_detector(
     return FasterRCNN(body, rpn, RoIHeads(pooler, head, num_classes, **roi_kw))
 
 
-def prepare_for_inference(model: FasterRCNN, channels_last: bool = True, fold_bn: bool = True) -> FasterRCNN:
-    """An eval-mode copy with BatchNorm folded into the convs and channels-last weights and input.
+def prepare_for_inference(
+    model: FasterRCNN, channels_last: bool = True, fold_bn: bool = True, autocast_dtype: Optional[torch.dtype] = None,
+) -> FasterRCNN:
+    """An eval-mode copy with BatchNorm folded into the convs, channels-last weights and input, and
+    the FPN box head's ``fc1`` reading the pooled features in their channels-last order.
 
     Detections equal the unprepared model's in eval mode within float rounding. Run it under
-    ``torch.inference_mode()``; the input model is not modified.
+    ``torch.inference_mode()``; the input model is not modified. With ``autocast_dtype``
+    (``torch.bfloat16``/``torch.float16``) conv and linear weights are stored in that dtype
+    (:func:`res_backbone.inference.cast_for_autocast`): the copy then runs only under
+    ``torch.autocast(dtype=autocast_dtype)``, with the same results and no per-call weight casts.
     """
     fast = copy.deepcopy(model).eval()
     if fold_bn:
         fold_batchnorm(fast)
+    box_head = getattr(fast.roi_heads, "box_head", None)
+    if isinstance(box_head, TwoFCHead):
+        box_head.use_hwc_input()  # the pooled features flatten as a view (RoIAlign output is channels-last)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
         fast.input_memory_format = torch.channels_last
+    cast_for_autocast(fast, autocast_dtype)
     for p in fast.parameters():
         p.requires_grad_(False)
     return fast.eval()

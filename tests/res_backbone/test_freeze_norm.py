@@ -96,3 +96,45 @@ def test_group_norm_and_sync_bn_build():
     sbn = rb.create_backbone("resnet18", norm="sync_bn").eval()
     assert any(isinstance(x, nn.SyncBatchNorm) for x in sbn.modules())
     assert sbn(torch.randn(1, 3, 64, 64))["res5"].shape == (1, 512, 2, 2)
+
+
+def _random_frozen_pair():
+    from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBN
+
+    ours, ref = FrozenBatchNorm2d(6), TVFrozenBN(6)
+    for bn in (ours, ref):
+        g = torch.Generator().manual_seed(1)
+        bn.weight.uniform_(0.5, 2, generator=g)
+        bn.bias.normal_(generator=g)
+        bn.running_mean.normal_(generator=g)
+        bn.running_var.uniform_(0.5, 2, generator=g)
+    return ours, ref
+
+
+def test_frozen_bn_equals_torchvision_bitwise_and_passes_gradients():
+    ours, ref = _random_frozen_pair()
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    out = ours(x)
+    assert torch.equal(out, ref(x))
+    out.sum().backward()
+    expected = (ours.weight * (ours.running_var + ours.eps).rsqrt()).reshape(1, -1, 1, 1).expand_as(x)
+    assert torch.equal(x.grad, expected)
+
+
+def test_frozen_bn_cached_affine_follows_its_buffers_and_modes():
+    ours, ref = _random_frozen_pair()
+    x = torch.randn(2, 6, 5, 5)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), ref(x))  # the cache is filled with inference tensors here
+    y = torch.randn(2, 6, 5, 5, requires_grad=True)
+    ours(y).sum().backward()  # ... and not reused where autograd must save it
+    for bn in (ours, ref):
+        bn.running_var.fill_(4.0)  # in place: the version counter moves
+    assert torch.equal(ours(x), ref(x))
+    ours.load_state_dict({k: v * 2 for k, v in ref.state_dict().items()})
+    ref.load_state_dict(ours.state_dict())
+    assert torch.equal(ours(x), ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x.bfloat16()).dtype == torch.bfloat16  # keeps the input's dtype under autocast
+    scripted = torch.jit.script(ours)
+    assert torch.equal(scripted(x), ref(x))

@@ -140,3 +140,19 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
     assert max(after) == 30
     for it in range(stopped + 1, 31):
         assert after[it] == pytest.approx(ref[it], rel=1e-5, abs=1e-6), (it, after[it], ref[it])
+
+
+def test_eval_fast_path_matches_the_model_as_trained(trained):
+    base, out = trained
+    dets = {}
+    for name, extra in (("fast", ()), ("eager", ("--no-fast-path",))):
+        ev = base / f"eval_{name}"
+        _run("eval_det.py", "--checkpoint", str(out / "checkpoint_last.pt"), "--workers", "0", "--num-pictures", "0",
+             "--output", str(ev), "--no-progress", *extra)
+        assert json.loads((ev / "metrics.json").read_text())["evaluated"]["fast_path"] is (name == "fast")
+        dets[name] = sorted(json.loads((ev / "detections.json").read_text()), key=lambda d: (d["image_id"], -d["score"]))
+    assert len(dets["fast"]) == len(dets["eager"]) > 0
+    for a, b in zip(dets["fast"], dets["eager"]):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert abs(a["score"] - b["score"]) < 1e-4
+        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-2
