@@ -166,3 +166,15 @@ def test_torch_compile_inductor(prepared):
         run = prepare_for_inference(model) if prepared else model
         out = torch.compile(run)(x.contiguous(memory_format=torch.channels_last) if prepared else x)
     _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_prepare_does_not_draw_from_the_global_rng(fuse):
+    """An evaluation mid-training prepares a copy; that must not change the random stream the training
+    continues with (resumed runs re-evaluate and must still match uninterrupted ones)."""
+    model = rb.create_model("resnet18").eval()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    rb.prepare_for_inference(model, fuse=fuse)
+    assert torch.equal(torch.rand(3), expected)

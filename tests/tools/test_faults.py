@@ -12,6 +12,7 @@ Each run must exit 143 with a loadable ``checkpoint_last.pt`` at the right itera
 of complete lines; ``--resume auto`` must then finish the run with the same iterations, evaluations
 and (detection, deterministic) the same final weights as an uninterrupted run.
 """
+import contextlib
 import importlib.util
 import json
 import multiprocessing
@@ -42,12 +43,22 @@ def _tool(name):
 train_det, train_cls, train_loc = _tool("train_det"), _tool("train_cls"), _tool("train_loc")
 
 
+@contextlib.contextmanager
+def _threads(k: int):
+    n = torch.get_num_threads()
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    # module-scoped fixtures (the uninterrupted reference runs) are set up before this one: they take
+    # one thread themselves, since float results may depend on the thread count (matmul blocking)
+    with _threads(1):
+        yield
 
 
 def _logs(out: Path):
@@ -70,7 +81,8 @@ DET_ITERS = 6  # 8 training images, batch 2: an epoch is 4 iterations, evaluatio
 def det_base(tmp_path_factory):
     base = tmp_path_factory.mktemp("preempt_det")
     ref = base / "ref"
-    assert train_det.main(_det_args(base, ref)) == 0
+    with _threads(1):
+        assert train_det.main(_det_args(base, ref)) == 0
     return base
 
 
@@ -157,7 +169,8 @@ def det_preempted(det_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("preempted") / "run"
     os.environ["RB_FAULT_INJECT"] = "step:2:TERM"
     try:
-        assert train_det.main(_det_args(det_base, out)) == 143
+        with _threads(1):
+            assert train_det.main(_det_args(det_base, out)) == 143
     finally:
         del os.environ["RB_FAULT_INJECT"]
     return out
