@@ -94,8 +94,12 @@ def test_freeze_window_is_a_quarter_of_the_planned_iterations():
 
 def test_plan_follows_a_speed_change():
     """The machine gets twice as fast after 12 iterations: the plan is re-sized at the evaluations, so the
-    run still fills its budget and ends its schedule (instead of stopping at the first plan's length)."""
-    model = _Timed(slow=0.02)
+    run still fills its budget and ends its schedule (instead of stopping at the first plan's length).
+
+    A simulated clock (``clock=``) advances 0.02 s per iteration, then 0.01 s: no sleeping, so the load
+    of the machine running the test cannot change the counts."""
+    model = _Timed(slow=0.0, fast=0.0)
+    now = {"t": 0.0}
     calls = []
 
     def evaluate(it):
@@ -105,16 +109,16 @@ def test_plan_follows_a_speed_change():
     original = model.forward
 
     def forward(*a):
-        if len(model.seen) >= 12:
-            model.slow = 0.01
+        now["t"] += 0.01 if len(model.seen) >= 12 else 0.02
         return original(*a)
 
     model.forward = forward
     loader, sampler = _loader()
     opt = build_optimizer(model, name="sgd", lr=0.1)
     res = train_for_budget(model, loader, sampler, opt, device=torch.device("cpu"), budget_s=0.8, lr=0.1,
-                           evaluate=evaluate, num_evals=5, calib_iters=5)
-    assert res["train_time_s"] >= 0.7 and res["iters"] > 50 and len(calls) == 5  # the first plan: ~40 iterations
+                           evaluate=evaluate, num_evals=5, calib_iters=5, clock=lambda: now["t"])
+    # the first plan, from the 0.02 s iterations: 40; the budget then holds 12 x 0.02 + 56 x 0.01 s
+    assert res["train_time_s"] >= 0.75 and res["iters"] > 55 and len(calls) == 5
     assert res["planned_iters"] - res["iters"] <= 10 and opt.param_groups[0]["lr"] < 0.03
 
 
