@@ -42,13 +42,13 @@ _HAS_ONEDNN_FUSION = torch.backends.mkldnn.is_available() and hasattr(torch.ops.
 @torch.no_grad()
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """Return a new conv computing ``bn(conv(x))`` in eval mode."""
-    # skip_init: no random initialisation (it would draw from the global RNG, so preparing a copy for an
-    # evaluation mid-training would change the training that follows); every value is written below
-    fused = torch.nn.utils.skip_init(
-        nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+    # built on the meta device: no random initialisation (it would draw from the global RNG, so preparing
+    # a copy for an evaluation mid-training would change the training that follows); filled below
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
-    )
+        device="meta", dtype=conv.weight.dtype,
+    ).to_empty(device=conv.weight.device)
     # in float64, so that the folded weights are the correctly rounded float32 of the exact product
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     fused.weight.copy_(conv.weight.double() * scale.reshape(-1, 1, 1, 1))

@@ -49,33 +49,33 @@ class FrozenBatchNorm2d(_TVFrozenBatchNorm2d):
                 setattr(module, name, new)
         return module
 
+    def _compute_affine(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` as ``(1, C, 1, 1)`` tensors in ``dtype``, computed as torchvision does."""
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return scale.to(dtype), shift.to(dtype)
+
     @torch.jit.unused
-    def _affine(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, shift)`` as ``(1, C, 1, 1)`` tensors in ``x``'s dtype, computed as torchvision does
-        and cached until a buffer changes (its data pointer or in-place version), the dtype or the
-        inference mode does: four small ops and kernel launches less per layer and call, which is
-        what a GPU forward at small batch is bound by."""
+    def _cached_affine(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_compute_affine` for ``x``, cached until a buffer changes (its data pointer or in-place
+        version), the dtype or the inference mode does: four small ops and kernel launches less per
+        layer and call, which is what a GPU forward at small batch is bound by."""
         bufs = (self.weight, self.bias, self.running_mean, self.running_var)
         key = (x.dtype, torch.is_inference_mode_enabled()) + tuple((b.data_ptr(), b._version) for b in bufs)
         cache = self.__dict__.get("_affine_cache")
-        if cache is not None and cache[0] == key:
-            return cache[1], cache[2]
-        w, b, rm, rv = (t.reshape(1, -1, 1, 1) for t in bufs)
-        scale = w * (rv + self.eps).rsqrt()
-        shift = b - rm * scale
-        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
-        self.__dict__["_affine_cache"] = (key, scale, shift)
-        return scale, shift
+        if cache is None or cache[0] != key:
+            cache = (key,) + self._compute_affine(x.dtype)
+            self.__dict__["_affine_cache"] = cache
+        return cache[1], cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torchvision's arithmetic (x * scale, then + shift: the same roundings in float32), with the
         # addition in place on the product (one large temporary less: 6% of a ResNet-50-FPN forward on
         # CPU). Under autocast the output keeps the input's dtype (torchvision's promotes to float32).
         if torch.jit.is_scripting() or _compiling():
-            scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-            shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-            return (x * scale.to(x.dtype)).add_(shift.to(x.dtype))
-        scale, shift = self._affine(x)
+            scale, shift = self._compute_affine(x.dtype)
+        else:
+            scale, shift = self._cached_affine(x)
         return (x * scale).add_(shift)
 
 

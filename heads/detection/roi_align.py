@@ -38,8 +38,8 @@ def _axis_samples(start: torch.Tensor, length: torch.Tensor, pooled: int, grid: 
         size: the feature map's extent along this axis.
 
     Returns:
-        ``low, high (R, pooled, max_grid)`` long, ``w_low, w_high`` their bilinear weights (zero for
-        samples outside the map or beyond the RoI's own grid), and ``valid`` as float.
+        ``low, high (R, pooled, max_grid)`` long and ``w_low, w_high`` their bilinear weights (zero for
+        samples outside the map or beyond the RoI's own grid).
     """
     bin_size = length / pooled
     ph = torch.arange(pooled, device=start.device, dtype=start.dtype)
@@ -136,9 +136,26 @@ def roi_align_bag(features: torch.Tensor, rois: torch.Tensor, output_size: Tuple
     return pool_bags(channels_last_table(features), idx, wgt, rois.shape[0], output_size)
 
 
-def adaptive_grid_fits(rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float) -> bool:
-    """Whether ``sampling_ratio <= 0`` keeps every RoI within :data:`MAX_ADAPTIVE_GRID` samples per bin side."""
-    if not rois.numel():
+IMPLS = ("auto", "bag", "torchvision")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"RoIAlign impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def use_bag(impl: str, device: torch.device, rois: torch.Tensor, output_size: Tuple[int, int],
+            spatial_scale: float, sampling_ratio: int) -> bool:
+    """Whether ``impl`` means the bag here: ``"auto"`` takes it on the CPU (several times faster there,
+    forward and backward) and torchvision's kernel on other devices, and falls back to torchvision
+    where adaptive sampling would need more than :data:`MAX_ADAPTIVE_GRID` samples per bin side
+    (``spatial_scale``: the finest level's, where the grids are largest)."""
+    if check_impl(impl) != "auto":
+        return impl == "bag"
+    if device.type != "cpu":
+        return False
+    if sampling_ratio > 0 or not rois.numel():
         return True
     side = torch.maximum((rois[:, 3] - rois[:, 1]) * spatial_scale / output_size[1],
                          (rois[:, 4] - rois[:, 2]) * spatial_scale / output_size[0])
@@ -154,17 +171,7 @@ def roi_align(
     aligned: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """RoIAlign through :func:`roi_align_bag` (``impl="bag"``) or torchvision's kernel (``"torchvision"``).
-
-    ``"auto"`` takes the bag on the CPU (several times faster there, forward and backward) and
-    torchvision's kernel on other devices, and falls back to torchvision where adaptive sampling
-    would need more than :data:`MAX_ADAPTIVE_GRID` samples per bin side.
-    """
-    if impl not in ("auto", "bag", "torchvision"):
-        raise ValueError(f"roi_align impl must be 'auto', 'bag' or 'torchvision', got {impl!r}")
-    use_bag = impl == "bag" or (impl == "auto" and features.device.type == "cpu")
-    if use_bag and impl == "auto" and sampling_ratio <= 0:
-        use_bag = adaptive_grid_fits(rois, output_size, spatial_scale)
-    if use_bag:
+    """RoIAlign through :func:`roi_align_bag` or torchvision's kernel, as :func:`use_bag` decides."""
+    if use_bag(impl, features.device, rois, output_size, spatial_scale, sampling_ratio):
         return roi_align_bag(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return tv_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)

@@ -52,9 +52,7 @@ class MultiLevelRoIAlign(nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        if impl not in ("auto", "bag", "torchvision"):
-            raise ValueError(f"RoIAlign impl must be 'auto', 'bag' or 'torchvision', got {impl!r}")
-        self.impl = impl
+        self.impl = bag_ops.check_impl(impl)
         self.in_features = list(in_shapes)
         self.scales = [1.0 / s for _, s in in_shapes.values()]
         levels = [int(round(math.log2(s))) for _, s in in_shapes.values()]
@@ -80,7 +78,7 @@ class MultiLevelRoIAlign(nn.Module):
         feats = [features[n] for n in self.in_features]
         rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)
         size = (self.output_size, self.output_size)
-        if self._use_bag(feats, rois):
+        if bag_ops.use_bag(self.impl, feats[0].device, rois, size, self.scales[0], self.sampling_ratio):
             return self._pool_bags(feats, rois, size)
         if len(feats) == 1:
             return roi_align(feats[0], rois, size, self.scales[0], self.sampling_ratio, self.aligned)
@@ -91,14 +89,6 @@ class MultiLevelRoIAlign(nn.Module):
             if idx.numel():
                 out[idx] = roi_align(f, rois[idx], size, scale, self.sampling_ratio, self.aligned).to(out.dtype)
         return out
-
-    def _use_bag(self, feats: List[torch.Tensor], rois: torch.Tensor) -> bool:
-        if self.impl == "torchvision" or (self.impl == "auto" and feats[0].device.type != "cpu"):
-            return False
-        if self.impl == "auto" and self.sampling_ratio <= 0:
-            size = (self.output_size, self.output_size)
-            return all(bag_ops.adaptive_grid_fits(rois, size, s) for s in self.scales[:1])  # finest level: largest grid
-        return True
 
     def _pool_bags(self, feats: List[torch.Tensor], rois: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         r, bins = rois.shape[0], size[0] * size[1]
