@@ -93,8 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
     t.add_argument("--max-iters", type=opt_int, default=None,
                    help="stop after this many iterations (overrides --epochs)")
+    t.add_argument("--time-budget", type=opt_float, default=None, metavar="MIN",
+                   help="minutes of training (evaluation not counted): after 30 iterations the speed measured so far "
+                        "sets the number of iterations (re-measured every 100), and the schedule runs over them; "
+                        "--max-iters/--epochs cap it")
     t.add_argument("--batch-size", type=int, default=128, help="images per iteration (default 128)")
-    t.add_argument("--lr", type=opt_float, default=None, help="base learning rate (default 0.1 x batch-size / 256)")
+    t.add_argument("--lr", type=opt_float, default=None, help="base learning rate (default 0.1 x batch-size / 256 with sgd, 1e-3 with adamw)")
+    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                   help="sgd with momentum (default, the paper's recipe) or adamw (decoupled weight decay: pass e.g. "
+                        "--weight-decay 0.05)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     t.add_argument("--weight-decay", type=float, default=1e-4,
                    help="weight decay (default 1e-4), not applied to norms and biases")

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip in training (default 0.5)")
     d.add_argument("--no-photometric", dest="photometric", action="store_false", help="no colour jitter in training")
     d.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0: decode in the main process)")
+    d.add_argument("--cache-images", type=float, default=0.0, metavar="MB",
+                   help="keep up to MB megabytes of decoded images in memory, per split (default 0: read every time); "
+                        "for small sets read many times, e.g. the built-in 64 px set: 30,000 images = 352 MB, and a "
+                        "training step 10%% faster on a 2-core CPU")
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 is fastest when other jobs share the CPU")
     t = p.add_argument_group("optimisation")

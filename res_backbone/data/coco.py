@@ -311,6 +311,10 @@ class CocoDetection(torch.utils.data.Dataset):
             Default keeps them as negatives (``boxes`` of shape (0, 4)).
         class_names: optional K names overriding the json's category names (label order).
         max_image_pixels: refuse larger images (default :data:`MAX_IMAGE_PIXELS`).
+        cache_mb: keep decoded images in memory, up to this many megabytes (the first ones read; 0, the
+            default: none). For small sets read many times: a 64 px PNG costs ~0.8 ms to check, open and
+            decode on one CPU core, about a tenth of a localization training step's time per image.
+            Each DataLoader worker holds its own cache.
 
     Raises:
         FileNotFoundError: ``ann_file`` is missing.
@@ -344,9 +348,15 @@ class CocoDetection(torch.utils.data.Dataset):
         filter_empty: bool = False,
         class_names: Optional[Sequence[str]] = None,
         max_image_pixels: Optional[int] = None,
+        cache_mb: float = 0.0,
     ) -> None:
         self.ann_file = str(ann_file)
         self.max_image_pixels = max_image_pixels
+        if not cache_mb >= 0:
+            raise ValueError(f"cache_mb must be >= 0 (megabytes of decoded images to keep), got {cache_mb}")
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: Dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
         self.image_root = Path(image_root)
         self.transforms = transforms
         try:
@@ -478,6 +488,9 @@ class CocoDetection(torch.utils.data.Dataset):
             FileNotFoundError / ImageDecodeError (ImageTooLargeError) / ValueError, naming the path and image id.
         """
         img_id = self.ids[index]
+        cached = self._cache.get(img_id)
+        if cached is not None:
+            return cached.copy()  # callers may write into what they get
         info = self.coco.imgs[img_id]
         path = self._checked_path(img_id)
         try:
@@ -490,6 +503,9 @@ class CocoDetection(torch.utils.data.Dataset):
             # Boxes are in the json's pixel frame; a different decoded size would silently misplace them.
             raise ValueError(f"image {path} (image id {img_id}) decodes to {image.shape[1]}x{image.shape[0]} "
                              f"(w x h) but {self.ann_file} says {info['width']}x{info['height']}")
+        if self._cached_bytes + image.nbytes <= self.cache_bytes:
+            self._cache[img_id] = image.copy()
+            self._cached_bytes += image.nbytes
         return image
 
     def _checked_path(self, img_id: int) -> Path:

@@ -128,6 +128,7 @@ class CocoLocalization(torch.utils.data.Dataset):
             returns the image at its original size, floats in [0, 1].
         all_boxes: keep every non-crowd box as ground truth (default: the largest one only).
         class_names: optional K names overriding the json's.
+        cache_mb: megabytes of decoded images kept in memory (see :class:`~.coco.CocoDetection`).
 
     Attributes:
         detection: the underlying :class:`~.coco.CocoDetection` (``coco`` index, ``image_path``...).
@@ -143,8 +144,8 @@ class CocoLocalization(torch.utils.data.Dataset):
     """
 
     def __init__(self, ann_file: PathLike, image_root: PathLike, transforms=None, *, all_boxes: bool = False,
-                 class_names: Optional[Sequence[str]] = None):
-        self.detection = CocoDetection(ann_file, image_root, None, class_names=class_names)
+                 class_names: Optional[Sequence[str]] = None, cache_mb: float = 0.0):
+        self.detection = CocoDetection(ann_file, image_root, None, class_names=class_names, cache_mb=cache_mb)
         self.transforms, self.all_boxes = transforms, all_boxes
         self.cat_ids: List[int] = list(self.detection.cat_ids)
         self.class_names: List[str] = list(self.detection.class_names)

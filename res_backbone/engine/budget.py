@@ -31,9 +31,93 @@ from .optim import lr_factor, set_lr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train_for_budget"]
+__all__ = ["TimeBudgetPlan", "log_plan", "train_for_budget"]
 
 _WARM_ITERS = 3  # the first iterations of a segment pay for allocator and cache warm-up
+
+
+class TimeBudgetPlan:
+    """How many iterations a run with a time budget gets, measured as it goes (``train_cls.py`` and
+    ``train_loc.py --time-budget MIN``).
+
+    ``max_iters`` is the schedule's length (what the learning-rate decay runs over) and ``stop`` where
+    the current pass stops. Without a budget both are ``cap``. With one, the first ``calib_iters``
+    iterations run at the cap's schedule; then both are sized to ``done + budget left / seconds per
+    iteration`` (the speed measured after :data:`_WARM_ITERS` warm-up iterations of this session)
+    and re-sized every ``resize_every`` iterations, since machines drift. ``cap`` stays an upper bound.
+    A resumed run keeps the plan it had (``restore``), so its schedule is the interrupted one's.
+
+        plan = TimeBudgetPlan(cap=20000, budget_min=8.0)
+        plan.begin(start_iter)                        # after restore(), before training
+        ...every iteration: if (r := plan.after_iteration(done, train_seconds)): log r
+        ...lr at i: lr_factor(i, max_iters=plan.max_iters, ...); stop at plan.stop
+    """
+
+    def __init__(self, cap: int, budget_min: Optional[float], *, calib_iters: int = 30, resize_every: int = 100):
+        if budget_min is not None and budget_min <= 0:
+            raise ValueError(f"time budget must be > 0 minutes, got {budget_min}")
+        if calib_iters < _WARM_ITERS + 1 or resize_every < 1:
+            raise ValueError(f"calib_iters must be > {_WARM_ITERS} and resize_every >= 1, got "
+                             f"{calib_iters}, {resize_every}")
+        self.cap, self.budget_min = int(cap), budget_min
+        self.calib_iters, self.resize_every = int(calib_iters), int(resize_every)
+        self.max_iters = self.stop = self.cap
+        self.sized = budget_min is None
+        self._start: Optional[tuple] = None  # (train seconds, iteration) when this session began
+        self._mark: Optional[tuple] = None   # the same after the warm-up iterations
+
+    @property
+    def saved_max_iters(self) -> Optional[int]:
+        """What a checkpoint records (``plan_max_iters``): the sized length, None before sizing."""
+        return self.max_iters if self.budget_min is not None and self.sized else None
+
+    def restore(self, plan_max_iters: Optional[int]) -> None:
+        """Keep the plan of the run being resumed (sized before it was interrupted)."""
+        if self.budget_min is not None and plan_max_iters:
+            self.max_iters = self.stop = int(plan_max_iters)
+            self.sized = True
+
+    def begin(self, start_iter: int, train_s: float = 0.0) -> None:
+        """A training session starts at ``start_iter`` after ``train_s`` seconds of earlier training."""
+        self._start, self._mark = (float(train_s), int(start_iter)), None
+        if not self.sized:
+            self.stop = min(self.cap, int(start_iter) + self.calib_iters)
+
+    def after_iteration(self, done: int, train_s: float) -> Optional[Dict[str, float]]:
+        """Record iteration ``done`` ending at ``train_s`` seconds of training; re-plan when due.
+
+        Returns ``{"s_per_iter", "max_iters", "first"}`` when the plan was (re)sized, else None.
+        """
+        if self._start is None:
+            raise RuntimeError("TimeBudgetPlan.begin() was not called")
+        if done == self._start[1] + _WARM_ITERS:
+            self._mark = (float(train_s), int(done))
+        if not self.sized and done >= self.stop:
+            return self._size(done, train_s, first=True)
+        if self.budget_min is not None and done % self.resize_every == 0 and done < self.max_iters:
+            return self._size(done, train_s, first=False)
+        return None
+
+    def _size(self, done: int, train_s: float, first: bool) -> Dict[str, float]:
+        t_mark, i_mark = self._mark or self._start
+        rate = (train_s - t_mark) / max(1, done - i_mark)  # seconds per iteration
+        left = max(0.0, self.budget_min * 60.0 - train_s)
+        self.max_iters = self.stop = max(done, min(self.cap, done + int(left / max(rate, 1e-9))))
+        self.sized = True
+        return {"s_per_iter": rate, "max_iters": self.max_iters, "first": first}
+
+
+def log_plan(sized: Dict[str, float], budget_min: float, done: int, bar=None, logger=None) -> None:
+    """Report a (re)sized :class:`TimeBudgetPlan`: a ``time_budget`` event in the run log, the progress
+    bar's total, and a log line (info the first time, debug for the periodic re-sizing)."""
+    if bar is not None:
+        bar.total = int(sized["max_iters"])
+        bar.refresh()
+    if logger is not None:
+        logger.log({"event": "time_budget", "budget_min": budget_min, "s_per_iter": round(sized["s_per_iter"], 4),
+                    "max_iters": int(sized["max_iters"])}, step=done)
+    (log.info if sized["first"] else log.debug)("time budget %.1f min: %.3f s/iteration -> %d iterations",
+                                                budget_min, sized["s_per_iter"], sized["max_iters"])
 
 
 class _Pause(Exception):

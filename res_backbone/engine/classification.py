@@ -5,7 +5,7 @@ Errors are reported in percent (the paper's tables): ``top1_err = 100 * (1 - top
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ def train_one_epoch(
     *,
     device: torch.device,
     start_iter: int,
-    max_iters: int,
+    max_iters: Union[int, Callable[[], int]],
     lr_at: Callable[[int], float],
     amp: str = "none",
     scaler: Optional[torch.amp.GradScaler] = None,
@@ -45,6 +45,8 @@ def train_one_epoch(
     """One pass over ``loader`` of ``(images, labels)`` batches (or until ``max_iters``).
 
     Args:
+        max_iters: the iteration to stop at, or a callable returning it (read before every iteration,
+            so a time budget can re-size the run while it goes).
         lr_at: sets the learning rate for an iteration and returns it (see :mod:`.optim`).
         amp: ``none``, ``bf16`` or ``fp16`` (fp16 wants a ``scaler``).
         label_smoothing: cross-entropy label smoothing (0 = plain cross-entropy).
@@ -68,8 +70,11 @@ def train_one_epoch(
     win_wrong = torch.zeros((), device=device)
     tot_loss, tot_wrong, tot_n, win_n = 0.0, 0.0, 0, 0
     t_last = time.perf_counter()
+    def stop_at() -> int:
+        return int(max_iters()) if callable(max_iters) else int(max_iters)
+
     for images, labels in loader:
-        if it >= max_iters:
+        if it >= stop_at():
             break
         fault_point("batch", it)
         lr = lr_at(it)
@@ -83,7 +88,7 @@ def train_one_epoch(
         win_wrong += (logits.detach().argmax(1) != labels).sum()
         win_n += n
         it += 1
-        if it % log_every == 0 or it == max_iters:
+        if it % log_every == 0 or it == stop_at():
             now = time.perf_counter()
             wl, ww = float(win_loss), float(win_wrong)
             record = {"loss": wl / win_n, "top1_err": 100.0 * ww / win_n, "lr": lr,

@@ -34,6 +34,7 @@ from . import checkpoint as ckpt_mod
 from .classification import evaluate, train_one_epoch
 from .config import dump_yaml
 from .logger import RunLogger
+from .budget import TimeBudgetPlan, log_plan
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
@@ -65,8 +66,10 @@ class ClsTrainConfig:
     interpolation: str = "bilinear"
     epochs: int = 30
     max_iters: Optional[int] = None
+    time_budget: Optional[float] = None  # minutes of training; sizes the schedule from the measured speed
     batch_size: int = 128
-    lr: Optional[float] = None  # None: 0.1 x batch_size / 256
+    lr: Optional[float] = None  # None: 0.1 x batch_size / 256 for sgd, 1e-3 for adamw
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "step"
@@ -96,8 +99,10 @@ class ClsTrainConfig:
                 f"({_short(data.classes)}); leave --num-classes out to take it from the data")
         out = ClsTrainConfig(**asdict(self))
         out.num_classes, out.in_chans = len(data.classes), data.in_chans
-        if out.lr is None:
-            out.lr = 0.1 * out.batch_size / 256  # the paper's 0.1 for 256 images, scaled linearly (Goyal et al.)
+        if out.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {out.optimizer!r}")
+        if out.lr is None:  # sgd: the paper's 0.1 for 256 images, scaled linearly (Goyal et al.)
+            out.lr = 0.1 * out.batch_size / 256 if out.optimizer == "sgd" else 1e-3
         if out.workers is None:
             out.workers = 0 if data.source == "fashion_mnist" else min(8, os.cpu_count() or 1)
         if out.device == "auto":
@@ -205,6 +210,7 @@ def checkpoint_payload(model: nn.Module, optimizer, scaler, *, it: int, iters_pe
         "best_top1_err": state["best_top1_err"],
         "best_iter": state["best_iter"],
         "train_time_s": state["train_time_s"],
+        "plan_max_iters": state.get("plan_max_iters"),
         "library_version": __version__,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -252,11 +258,13 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     iters_per_epoch = len(loaders.train)
-    max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
-    state = {"best_top1_err": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "train_stats": {}}
+    # the schedule's length: --max-iters / --epochs, or sized to --time-budget from the measured speed
+    plan = TimeBudgetPlan(cfg.max_iters or cfg.epochs * iters_per_epoch, cfg.time_budget)
+    state = {"best_top1_err": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "train_stats": {},
+             "plan_max_iters": None}
     it, pending_eval = 0, False
 
     resume = resolve_resume(cfg.resume, out)
@@ -267,10 +275,13 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
         it, pending_eval = int(saved["iter"]), bool(saved.get("pending_eval"))
         state.update({k: saved.get(k) for k in ("best_top1_err", "best_iter", "metrics")})
         state["train_time_s"] = float(saved.get("train_time_s") or 0.0)
+        plan.restore(saved.get("plan_max_iters"))  # sized before the interruption: keep that plan
+        state["plan_max_iters"] = plan.saved_max_iters
         log.info("resumed from %s at iteration %d (epoch %d)", resume, it, it // iters_per_epoch)
+    plan.begin(it, state["train_time_s"])
 
     logger = RunLogger(out)
-    logger.log({"event": "start", "max_iters": max_iters, "iters_per_epoch": iters_per_epoch,
+    logger.log({"event": "start", "max_iters": plan.max_iters, "iters_per_epoch": iters_per_epoch,
                 "resumed_from": str(resume) if resume else None, "params": sum(p.numel() for p in model.parameters()),
                 "train_images": len(data.train), "val_images": len(data.val) if data.val is not None else 0}, step=it)
     clock = {"since": time.perf_counter()}  # training time only: evaluation and start-up are left out
@@ -285,17 +296,21 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
                                      data=data, state=state)
         save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
 
-    bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=plan.max_iters, initial=it, desc="train", unit="it", disable=not cfg.progress, dynamic_ncols=True)
 
     def train_epoch(start: int, on_end) -> int:
         def on_iteration_end(done: int) -> None:
             tick()
+            sized = plan.after_iteration(done, state["train_time_s"])
+            if sized:
+                state["plan_max_iters"] = plan.saved_max_iters
+                log_plan(sized, cfg.time_budget, done, bar, logger)
             on_end(done)
 
         done, state["train_stats"] = train_one_epoch(
-            model, loaders.train, optimizer, device=device, start_iter=start, max_iters=max_iters,
+            model, loaders.train, optimizer, device=device, start_iter=start, max_iters=lambda: plan.stop,
             lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
-                i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
+                i, max_iters=plan.max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
                 milestones=cfg.milestones)),
             amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
             label_smoothing=cfg.label_smoothing, logger=logger, log_every=cfg.log_every,
@@ -310,9 +325,9 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
             logger.log({"epoch_loss": stats["loss"], "epoch_top1_err": stats["top1_err"]}, step=done, prefix="train/")
         due = done % iters_per_epoch == 0 and (done // iters_per_epoch) % cfg.eval_every == 0
         if loaders.val is not None and (last or due):
-            evaluate_and_record(done, max_iters)
+            evaluate_and_record(done, plan.max_iters)
         elif last:
-            write_metrics(None, done, max_iters, 0.0)
+            write_metrics(None, done, plan.max_iters, 0.0)
         clock["since"] = time.perf_counter()
 
     def write_metrics(m: Optional[dict], done: int, total: int, eval_s: float) -> None:
@@ -338,7 +353,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
                  state["best_top1_err"])
 
     try:
-        run_epochs(start_iter=it, max_iters=max_iters, iters_per_epoch=iters_per_epoch, sampler=loaders.sampler,
+        run_epochs(start_iter=it, max_iters=lambda: plan.max_iters, iters_per_epoch=iters_per_epoch, sampler=loaders.sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                    checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
     finally:

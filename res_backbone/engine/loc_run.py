@@ -30,6 +30,7 @@ from ..data.localization import (
 )
 from ..transfer import BackboneFreeze, input_stats
 from . import checkpoint as ckpt_mod
+from .budget import TimeBudgetPlan, log_plan
 from .det_run import EpochSeeded, ResumableBatchSampler
 from .detection import train_one_epoch
 from .localization import LossAdapter, evaluate, make_eval_loader
@@ -41,7 +42,6 @@ from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-export
 )
 
 log = logging.getLogger(__name__)
-RESIZE_EVERY = 100  # with a time budget, the plan is re-sized from the speed so far every this many iterations
 METRIC_KEYS = ("top1_loc_err", "top5_loc_err", "top1_cls_err", "top5_cls_err", "mean_iou", "gt_known_loc_err")
 
 
@@ -91,6 +91,7 @@ class LocTrainConfig:
     amp: str = "none"
     channels_last: bool = False
     workers: int = 0
+    cache_images: float = 0.0  # megabytes of decoded images kept per split
     seed: int = 0
     deterministic: bool = False
     device: str = "cpu"
@@ -140,10 +141,10 @@ def resolve_data_paths(cfg: LocTrainConfig) -> LocTrainConfig:
 def load_datasets(cfg: LocTrainConfig) -> Tuple[CocoLocalization, Optional[CocoLocalization]]:
     """The train and val sets of ``cfg`` (transforms come later, from the weights' mean/std)."""
     cfg = resolve_data_paths(cfg)
-    train_set = CocoLocalization(cfg.train_json, cfg.train_images, all_boxes=cfg.all_boxes)
+    train_set = CocoLocalization(cfg.train_json, cfg.train_images, all_boxes=cfg.all_boxes, cache_mb=cfg.cache_images)
     val_set = None
     if cfg.val_json:
-        val_set = CocoLocalization(cfg.val_json, cfg.val_images, all_boxes=cfg.all_boxes)
+        val_set = CocoLocalization(cfg.val_json, cfg.val_images, all_boxes=cfg.all_boxes, cache_mb=cfg.cache_images)
         if val_set.cat_ids != train_set.cat_ids:
             raise ValueError(f"{cfg.val_json} and {cfg.train_json} define different categories "
                              f"({val_set.cat_ids} vs {train_set.cat_ids}); labels would not line up")
@@ -233,11 +234,9 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
                                 weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     iters_per_epoch = len(data.train_loader)
-    # plan: the schedule's length ("max_iters") and where the current pass stops ("stop"). With a time
-    # budget, the first calib_iters iterations run at the cap's schedule, then both are sized from the speed,
-    # and re-sized every RESIZE_EVERY iterations (evaluation time is not training time).
-    cap = cfg.max_iters or cfg.epochs * iters_per_epoch
-    plan = {"max_iters": cap, "stop": cap, "sized": not cfg.time_budget}
+    # The schedule's length and where the current pass stops: the cap, or sized to the time budget from
+    # the speed measured as training goes (evaluation time is not training time).
+    plan = TimeBudgetPlan(cfg.max_iters or cfg.epochs * iters_per_epoch, cfg.time_budget, calib_iters=cfg.calib_iters)
     state = {"best": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "plan_max_iters": None}
     it, pending_eval = 0, False
     resume = resolve_resume(cfg.resume, out)
@@ -250,16 +249,14 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         it, pending_eval = int(saved["iter"]), bool(saved.get("pending_eval"))
         state.update(best=saved.get("best_top1_loc_err"), best_iter=saved.get("best_iter"),
                      metrics=saved.get("metrics"), train_time_s=float(saved.get("train_time_s") or 0.0))
-        if cfg.time_budget and saved.get("plan_max_iters"):  # sized before the interruption: keep that plan
-            plan.update(max_iters=int(saved["plan_max_iters"]), stop=int(saved["plan_max_iters"]), sized=True)
-            state["plan_max_iters"] = plan["max_iters"]
+        plan.restore(saved.get("plan_max_iters"))  # sized before the interruption: keep that plan
+        state["plan_max_iters"] = plan.saved_max_iters
         log.info("resumed from %s at iteration %d", resume, it)
-    if not plan["sized"]:
-        plan["stop"] = min(cap, it + cfg.calib_iters)
+    plan.begin(it, state["train_time_s"])
     # The pretrained backbone frozen for the first iterations (BN statistics included), then released.
     freezer = BackboneFreeze(model.backbone, cfg.freeze_backbone_iters)
     freezer.update(it)
-    max_iters = plan["max_iters"]
+    max_iters = plan.max_iters
 
     logger = RunLogger(out)
     logger.log({"event": "start", "max_iters": max_iters, "iters_per_epoch": iters_per_epoch,
@@ -278,38 +275,20 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         payload = checkpoint_payload(model, optimizer, scaler, done, iters_per_epoch, cfg, data, state)
         save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
 
-    session = {"start_iter": it, "mark": None}
-
-    def size_plan(done: int, quiet: bool = False) -> None:
-        """Time budget: the iterations that fit in what is left of it, at the speed measured so far."""
-        t_mark, i_mark = session["mark"] or (clock["done"], session["start_iter"])
-        rate = (elapsed() - t_mark) / max(1, done - i_mark)  # seconds per iteration
-        fit_in = done + int(max(0.0, cfg.time_budget * 60.0 - elapsed()) / rate)
-        plan.update(max_iters=max(done, min(cap, fit_in)), sized=True)
-        plan["stop"] = state["plan_max_iters"] = plan["max_iters"]
-        bar.total = plan["max_iters"]
-        bar.refresh()
-        logger.log({"event": "time_budget", "budget_min": cfg.time_budget, "s_per_iter": round(rate, 4),
-                    "max_iters": plan["max_iters"]}, step=done)
-        (log.debug if quiet else log.info)("time budget %.1f min: %.3f s/iteration -> %d iterations", cfg.time_budget,
-                                           rate, plan["max_iters"])
-
     def train_epoch(start: int, on_end: Callable[[int], None]) -> int:
         def on_iteration_end(done: int) -> None:
-            if done == session["start_iter"] + 3:  # the first iterations warm up allocators and caches
-                session["mark"] = (elapsed(), done)
-            if not plan["sized"] and done >= plan["stop"]:
-                size_plan(done)
-            elif cfg.time_budget and done % RESIZE_EVERY == 0 and done < plan["max_iters"]:
-                size_plan(done, quiet=True)  # the speed drifts (caches, data, other jobs): keep to the budget
+            sized = plan.after_iteration(done, elapsed())
+            if sized:
+                state["plan_max_iters"] = plan.saved_max_iters
+                log_plan(sized, cfg.time_budget, done, bar, logger)
             if freezer.update(done):
                 logger.log({"event": "backbone_unfrozen"}, step=done)
             on_end(done)
 
         return train_one_epoch(
-            runner, data.train_loader, optimizer, device=device, start_iter=start, max_iters=lambda: plan["stop"],
+            runner, data.train_loader, optimizer, device=device, start_iter=start, max_iters=lambda: plan.stop,
             lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
-                i, max_iters=plan["max_iters"], warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
+                i, max_iters=plan.max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
                 milestones=cfg.milestones)),
             amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last, logger=logger,
             log_every=cfg.log_every, on_iteration_end=on_iteration_end, progress=bar)
@@ -327,7 +306,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         improved = state["best"] is None or m["top1_loc_err"] < state["best"]
         if improved:
             state["best"], state["best_iter"] = m["top1_loc_err"], done
-        m.update(best_top1_loc_err=state["best"], best_iter=state["best_iter"], iter=done, max_iters=plan["max_iters"],
+        m.update(best_top1_loc_err=state["best"], best_iter=state["best_iter"], iter=done, max_iters=plan.max_iters,
                  epoch=round(done / iters_per_epoch, 3), train_time_s=round(train_time, 2),
                  img_per_s=round(done * cfg.batch_size / max(train_time, 1e-9), 1), model=cfg.backbone,
                  mode=cfg.mode, classes=list(data.class_names))
@@ -342,7 +321,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
 
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not cfg.progress, dynamic_ncols=True)
     try:
-        run_epochs(start_iter=it, max_iters=lambda: plan["max_iters"], iters_per_epoch=iters_per_epoch,
+        run_epochs(start_iter=it, max_iters=lambda: plan.max_iters, iters_per_epoch=iters_per_epoch,
                    sampler=data.train_sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                    checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)

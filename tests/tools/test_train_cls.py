@@ -1,5 +1,6 @@
 """tools/train_cls.py end to end on a tiny fake Fashion-MNIST (CPU, seconds): outputs, checkpoint
 contract (create_model/create_backbone load it), SIGTERM + resume, and the error paths."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -105,19 +106,28 @@ def test_checkpoint_contract_and_loading(run):
         assert torch.allclose(feats[last], best.forward_features(x), atol=1e-5)
 
 
-def test_sigterm_checkpoints_and_resume_matches_uninterrupted(run, tmp_path, monkeypatch):
-    data, ref = run
-    out = tmp_path / "stopped"
+@contextlib.contextmanager
+def _sigterm_at(iteration, monkeypatch):
+    """SIGTERM to this process right after the training log record of ``iteration``."""
     original = RunLogger.log
 
     def log_and_stop(self, record, step=None, prefix=""):
         original(self, record, step, prefix)
-        if prefix == "train/" and step == 3 and "lr" in record:
+        if prefix == "train/" and step == iteration and "lr" in record:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(RunLogger, "log", log_and_stop)
-    assert train_cls.main(_args(data, out)) == 143
-    monkeypatch.setattr(RunLogger, "log", original)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(RunLogger, "log", original)
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(run, tmp_path, monkeypatch):
+    data, ref = run
+    out = tmp_path / "stopped"
+    with _sigterm_at(3, monkeypatch):
+        assert train_cls.main(_args(data, out)) == 143
     assert torch.load(out / "checkpoint_last.pt", weights_only=True)["iter"] == 3
     assert train_cls.main(_args(data, out, "--resume", "auto")) == 0
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -127,6 +137,25 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(run, tmp_path, mon
     uninterrupted = torch.load(ref / "checkpoint_last.pt", weights_only=True)["model"]
     for k, v in uninterrupted.items():
         assert torch.allclose(resumed[k].float(), v.float(), atol=1e-5), k
+
+
+def test_time_budget_sizes_the_run_and_resume_keeps_the_plan(run, tmp_path, monkeypatch):
+    data, _ = run
+    out = tmp_path / "budget"
+    args = _args(data, out, "--epochs", "1000", "--time-budget", "0.1", "--eval-every", "1000", "--log-every", "10")
+    with _sigterm_at(40, monkeypatch):
+        assert train_cls.main(args) == 143
+    stopped = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert stopped["iter"] == 40 and stopped["plan_max_iters"] > 40  # sized at 30, before the stop
+    assert train_cls.main(args + ["--resume", "auto"]) == 0
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    sized = [r for r in logs if r.get("event") == "time_budget"]
+    # sized after 30 iterations, re-sized every 100; the resumed session keeps the plan (no new calibration)
+    assert sized[0]["iteration"] == 30 and all(r["iteration"] % 100 == 0 for r in sized[1:])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["iter"] == m["max_iters"] == (sized[-1]["max_iters"] if len(sized) > 1 else stopped["plan_max_iters"])
+    assert 40 < m["iter"] < 4000  # sized, not the cap of 1000 epochs
+    assert m["train_time_s"] == pytest.approx(6.0, abs=30 * sized[0]["s_per_iter"] + 0.6)  # the budget, kept
 
 
 def _tree(root, classes, n=3, size=(28, 28)):

@@ -216,3 +216,24 @@ def test_safe_join(tmp_path):
     for bad in ("../../outside.png", "a/../../x.png", "/abs.png", "C:\\x.png", ""):
         with pytest.raises(ValueError):
             safe_join(tmp_path, bad)
+
+
+def test_decoded_image_cache_within_its_budget(coco_files):
+    ann, root = coco_files
+    plain = CocoDetection(ann, root)
+    ds = CocoDetection(ann, root, cache_mb=15000 / 2**20)  # bytes: gray 6000, rgba 2700, gray16 1500, rgb 7200
+    first = [ds.load_image(i) for i in range(len(ds))]
+    assert sorted(ds._cache) == [5, 7, 8] and ds._cached_bytes == 10200  # the first ones that fit
+    fresh = {img_id: plain.load_image(i) for i, img_id in enumerate(plain.ids)}
+    assert all(np.array_equal(a, fresh[img_id]) for a, img_id in zip(first, ds.ids))
+    first[0][:] = 0  # what a caller gets is its own copy
+    for p in root.rglob("*.png"):
+        p.unlink()
+    for i, img_id in enumerate(ds.ids):
+        if img_id in (5, 7, 8):  # served from memory, equal to a fresh decode, files gone
+            assert np.array_equal(ds.load_image(i), fresh[img_id])
+        else:
+            with pytest.raises(FileNotFoundError, match="image file not found"):
+                ds.load_image(i)
+    with pytest.raises(ValueError, match="cache_mb"):
+        CocoDetection(ann, root, cache_mb=-1)

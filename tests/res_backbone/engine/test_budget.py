@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from res_backbone.engine.budget import train_for_budget
+from res_backbone.engine.budget import TimeBudgetPlan, train_for_budget
 from res_backbone.engine.det_run import EpochSeeded, ResumableBatchSampler
 from res_backbone.engine.optim import build_optimizer
 from res_backbone.transfer import BackboneFreeze
@@ -132,3 +132,41 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="freeze_fraction"):
         train_for_budget(model, loader, sampler, opt, device=torch.device("cpu"), budget_s=1, lr=0.1,
                          evaluate=lambda it: {}, freeze_fraction=1.0)
+
+
+def test_time_budget_plan_sizes_resizes_caps_and_restores():
+    plan = TimeBudgetPlan(cap=10_000, budget_min=1.0, calib_iters=10, resize_every=100)
+    plan.begin(0)
+    assert (plan.stop, plan.max_iters, plan.saved_max_iters) == (10, 10_000, None)  # calibrating
+    t, events = 0.0, []
+    for done in range(1, 10_000):
+        t += 5.0 if done <= 3 else (0.1 if done <= 200 else 0.2)  # slow warm-up, then the machine halves speed
+        r = plan.after_iteration(done, t)
+        if r:
+            events.append((done, round(r["s_per_iter"], 3), r["max_iters"], r["first"]))
+        if done >= plan.stop:
+            break
+    # sized at 10 from the speed after the warm-up (0.1 s), not the warm-up's 5 s
+    assert events[0][:2] == (10, 0.1) and events[0][3] and abs(events[0][2] - (10 + 443)) <= 1  # 44.3 s left
+    assert all(d % 100 == 0 and not first for d, _, _, first in events[1:])
+    assert events[3][1] > events[2][1]  # the slowdown (after 200) is seen at 300, and the plan shrinks
+    assert events[3][2] < events[2][2]
+    # the speed is the session's average, so a sudden halving overshoots a little (62.5 s here), no more
+    assert done == plan.max_iters == plan.stop == plan.saved_max_iters and 59.5 < t < 63
+
+    resumed = TimeBudgetPlan(cap=10_000, budget_min=1.0, calib_iters=10)
+    resumed.restore(plan.saved_max_iters)
+    resumed.begin(150, train_s=30.0)
+    assert resumed.sized and resumed.stop == resumed.max_iters == plan.max_iters  # the interrupted run's schedule
+
+    capped = TimeBudgetPlan(cap=50, budget_min=10.0, calib_iters=10)
+    capped.begin(0)
+    for done in range(1, 11):
+        capped.after_iteration(done, done * 0.01)
+    assert capped.max_iters == 50  # the cap bounds what the budget would allow
+
+    free = TimeBudgetPlan(cap=70, budget_min=None)
+    free.begin(0)
+    assert free.sized and free.stop == 70 and all(free.after_iteration(d, d) is None for d in range(1, 71))
+    with pytest.raises(ValueError, match="time budget"):
+        TimeBudgetPlan(cap=10, budget_min=0.0)

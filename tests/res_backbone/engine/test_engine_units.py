@@ -1,5 +1,6 @@
 """Engine pieces: atomic checkpoints, resume lookup, RNG round trip, config files, LR schedule."""
 import argparse
+import copy
 import random
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 from res_backbone.engine import checkpoint as ck
 from res_backbone.engine.config import ConfigError, parse_with_config
 from res_backbone.engine.logger import RunLogger
-from res_backbone.engine.optim import build_optimizer, lr_factor, param_groups, set_lr
+from res_backbone.engine.optim import build_optimizer, can_fuse, lr_factor, param_groups, set_lr
 
 
 def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
@@ -138,6 +139,38 @@ def test_frozen_params_join_the_optimizer_for_later_unfreezing():
     opt = build_optimizer(m, lr=0.1)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in m.parameters())
     assert len(param_groups(m, weight_decay=1e-4)) == 2
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_by_default_on_cpu_and_same_steps_as_foreach(name):
+    torch.manual_seed(0)
+    m1 = _Det()
+    m1.backbone[0].bias = None  # a bias before BN gets a zero gradient up to rounding, which Adam would amplify
+    m1.backbone.requires_grad_(False)  # frozen parameters (no grad) are skipped by the fused kernel too
+    m2, start = copy.deepcopy(m1), copy.deepcopy(m1)
+    o1 = build_optimizer(m1, name=name, lr=0.05, weight_decay=1e-2)
+    o2 = build_optimizer(m2, name=name, lr=0.05, weight_decay=1e-2, fused=False)
+    assert all(g["fused"] for g in o1.param_groups) and not any(g["fused"] for g in o2.param_groups)
+    x = torch.randn(3, 3, 6, 6)
+    for step in range(4):
+        if step == 2:
+            m1.backbone.requires_grad_(True)
+            m2.backbone.requires_grad_(True)
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            m.head(m.backbone(x).mean((2, 3))).square().sum().backward()
+            o.step()
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), n
+    for a, b in zip(m1.parameters(), start.parameters()):
+        assert not torch.equal(a, b)  # every parameter moved, the frozen-then-unfrozen ones included
+
+
+def test_can_fuse_needs_one_cpu_or_cuda_device_and_floats():
+    assert can_fuse([torch.zeros(2), torch.zeros(3)])
+    assert not can_fuse([torch.zeros(2, device="meta")])
+    assert not can_fuse([torch.zeros(2, dtype=torch.int64)])
+    assert not can_fuse([])
 
 
 def test_run_logger_writes_jsonl_and_tensorboard(tmp_path):
