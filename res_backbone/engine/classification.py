@@ -70,6 +70,7 @@ def train_one_epoch(
     win_wrong = torch.zeros((), device=device)
     tot_loss, tot_wrong, tot_n, win_n = 0.0, 0.0, 0, 0
     t_last = time.perf_counter()
+
     def stop_at() -> int:
         return int(max_iters()) if callable(max_iters) else int(max_iters)
 

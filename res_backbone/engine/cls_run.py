@@ -263,8 +263,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
     iters_per_epoch = len(loaders.train)
     # the schedule's length: --max-iters / --epochs, or sized to --time-budget from the measured speed
     plan = TimeBudgetPlan(cfg.max_iters or cfg.epochs * iters_per_epoch, cfg.time_budget)
-    state = {"best_top1_err": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "train_stats": {},
-             "plan_max_iters": None}
+    state = {"best_top1_err": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "train_stats": {}}
     it, pending_eval = 0, False
 
     resume = resolve_resume(cfg.resume, out)
@@ -276,7 +275,6 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
         state.update({k: saved.get(k) for k in ("best_top1_err", "best_iter", "metrics")})
         state["train_time_s"] = float(saved.get("train_time_s") or 0.0)
         plan.restore(saved.get("plan_max_iters"))  # sized before the interruption: keep that plan
-        state["plan_max_iters"] = plan.saved_max_iters
         log.info("resumed from %s at iteration %d (epoch %d)", resume, it, it // iters_per_epoch)
     plan.begin(it, state["train_time_s"])
 
@@ -292,6 +290,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
         clock["since"] = now
 
     def save(done: int, name: str = "checkpoint_last.pt", pending_eval: bool = False) -> None:
+        state["plan_max_iters"] = plan.saved_max_iters
         payload = checkpoint_payload(model, optimizer, scaler, it=done, iters_per_epoch=iters_per_epoch, cfg=cfg,
                                      data=data, state=state)
         save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
@@ -303,7 +302,6 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
             tick()
             sized = plan.after_iteration(done, state["train_time_s"])
             if sized:
-                state["plan_max_iters"] = plan.saved_max_iters
                 log_plan(sized, cfg.time_budget, done, bar, logger)
             on_end(done)
 

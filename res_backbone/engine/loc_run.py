@@ -237,7 +237,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
     # The schedule's length and where the current pass stops: the cap, or sized to the time budget from
     # the speed measured as training goes (evaluation time is not training time).
     plan = TimeBudgetPlan(cfg.max_iters or cfg.epochs * iters_per_epoch, cfg.time_budget, calib_iters=cfg.calib_iters)
-    state = {"best": None, "best_iter": None, "train_time_s": 0.0, "metrics": None, "plan_max_iters": None}
+    state = {"best": None, "best_iter": None, "train_time_s": 0.0, "metrics": None}
     it, pending_eval = 0, False
     resume = resolve_resume(cfg.resume, out)
     if resume is not None:
@@ -250,7 +250,6 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         state.update(best=saved.get("best_top1_loc_err"), best_iter=saved.get("best_iter"),
                      metrics=saved.get("metrics"), train_time_s=float(saved.get("train_time_s") or 0.0))
         plan.restore(saved.get("plan_max_iters"))  # sized before the interruption: keep that plan
-        state["plan_max_iters"] = plan.saved_max_iters
         log.info("resumed from %s at iteration %d", resume, it)
     plan.begin(it, state["train_time_s"])
     # The pretrained backbone frozen for the first iterations (BN statistics included), then released.
@@ -272,6 +271,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
 
     def save(done: int, name: str = "checkpoint_last.pt", pending_eval: bool = False) -> None:
         state["train_time_s"] = elapsed()
+        state["plan_max_iters"] = plan.saved_max_iters
         payload = checkpoint_payload(model, optimizer, scaler, done, iters_per_epoch, cfg, data, state)
         save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
 
@@ -279,7 +279,6 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         def on_iteration_end(done: int) -> None:
             sized = plan.after_iteration(done, elapsed())
             if sized:
-                state["plan_max_iters"] = plan.saved_max_iters
                 log_plan(sized, cfg.time_budget, done, bar, logger)
             if freezer.update(done):
                 logger.log({"event": "backbone_unfrozen"}, step=done)
