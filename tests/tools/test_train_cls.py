@@ -158,6 +158,19 @@ def test_time_budget_sizes_the_run_and_resume_keeps_the_plan(run, tmp_path, monk
     assert m["train_time_s"] == pytest.approx(6.0, abs=30 * sized[0]["s_per_iter"] + 0.6)  # the budget, kept
 
 
+def test_optimizer_adamw_flag(run, tmp_path):
+    data, _ = run
+    out = tmp_path / "adamw"
+    args = _args(data, out, "--optimizer", "adamw", "--weight-decay", "0.05", "--epochs", "1")
+    args[args.index("--lr") + 1] = "none"  # the optimiser's default rate
+    assert train_cls.main(args) == 0
+    ck = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert ck["config"]["optimizer"] == "adamw" and ck["config"]["lr"] == 1e-3
+    state = next(iter(ck["optimizer"]["state"].values()))
+    assert "exp_avg_sq" in state  # an AdamW state, not SGD's momentum buffer
+    assert all(g["fused"] for g in ck["optimizer"]["param_groups"])
+
+
 def _tree(root, classes, n=3, size=(28, 28)):
     for c in classes:
         (root / c).mkdir(parents=True)

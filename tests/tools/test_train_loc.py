@@ -243,3 +243,22 @@ def test_config_file_recipe_parses():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_cache_images_reaches_both_splits_and_bad_values_exit_2(base, tmp_path, monkeypatch):
+    from res_backbone.data import coco
+
+    seen = []
+    original = coco.CocoDetection.load_image
+
+    def spy(self, index):
+        image = original(self, index)
+        seen.append((self.cache_bytes, len(self._cache)))
+        return image
+
+    monkeypatch.setattr(coco.CocoDetection, "load_image", spy)
+    assert train_loc.main(_tiny(base, "--max-iters", "6", "--cache-images", "1", "--output", str(tmp_path / "c"))) == 0
+    assert seen and all(limit == 2**20 for limit, _ in seen)  # train and val sets both got the budget
+    assert max(n for _, n in seen) > 0  # and kept images (24 train canvases of 32 px: 74 KB)
+    assert train_loc.main(_tiny(base, "--max-iters", "1", "--cache-images", "-1", "--output",
+                                str(tmp_path / "bad"))) == 2
