@@ -123,16 +123,28 @@ def cmd_detector(args: argparse.Namespace) -> None:
             name, image_size=args.image_size, batch_size=args.batch_size,
             train_batch_size=0 if args.no_train else args.train_batch_size, num_classes=args.num_classes,
             repeats=args.repeats, warmup=args.warmup, device=args.device, amp=args.amp, roi_align=args.roi_align,
+            count_ops=args.count_ops or args.count_only, timed=not args.count_only,
         ))
     for run in runs:
-        print(f"\n{run['model']}  (ms per call, median; speed-up = torchvision time / ours, of the medians and "
-              "the median of the per-repeat ratios)")
         speed = {(q["mode"], q["contender"]): q for q in run["ratios"]}
-        print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'ms/call':>9} {'speed-up':>9} {'paired':>7}")
+        if run["results"]:
+            print(f"\n{run['model']}  (ms per call, median; speed-up = torchvision time / ours, of the medians and "
+                  "the median of the per-repeat ratios)")
+            print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'ms/call':>9} {'speed-up':>9} {'paired':>7}")
+        else:
+            print(f"\n{run['model']}  (not timed: --count-only)")
         for r in run["results"]:
             q = speed.get((r["mode"], r["contender"]))
             print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<12} {r['median_ms']:>9.1f} "
                   + (f"{q['speedup_vs_torchvision']:>9.2f} {q['speedup_paired_median']:>7.2f}" if q else f"{'':>9}"))
+        if "dispatch" in run:
+            print(f"\n{'mode':<6} {'contender':<12} {'ops':>6} {'syncs':>6} {'ops ratio':>9}   "
+                  "(ATen operators dispatched per call and host syncs among them; ratio = torchvision's / ours)")
+            for mode, counts in run["dispatch"].items():
+                for k, c in counts.items():
+                    q = speed.get((mode, k))
+                    print(f"{mode:<6} {k:<12} {c['ops']:>6} {c['syncs']:>6} "
+                          + (f"{q['ops_ratio']:>9.2f}" if q else f"{'':>9}"))
         for k, e in run["equivalence"].items():
             print(f"equivalence torchvision vs {k}: same labels {e['same_labels']}, detections {e['num_detections']}, "
                   f"max |box diff| {e['max_box_diff_px']} px, max |score diff| {e['max_score_diff']}")
@@ -215,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our RoIAlign: 'bag' (fused embedding-bag gather, heads/detection/roi_align.py), "
                         "'torchvision' (torchvision.ops.roi_align per level), 'auto' = bag on CPU, torchvision's "
                         "kernel elsewhere (default auto)")
+    d.add_argument("--count-ops", action="store_true",
+                   help="also run each contender once under an operator counter: ATen operators dispatched per "
+                        "call (views and allocations left out) and host-device syncs among them. At batch 1 a GPU "
+                        "is bound by these launches, so their ratio predicts the GPU speed-up on any machine")
+    d.add_argument("--count-only", action="store_true",
+                   help="--count-ops without the timings (seconds instead of minutes): e.g. '--count-only --roi-align "
+                        "torchvision --amp bf16' on a CPU counts what a GPU run would launch")
     d.add_argument("--output", metavar="FILE.json", help="write results, ratios, equivalence and environment here")
     d.set_defaults(func=cmd_detector)
 

@@ -63,7 +63,7 @@ class AnchorGenerator(nn.Module):
         self.aspect_ratios = [tuple(float(r) for r in level) for level in aspect_ratios]
         self.strides = [int(s) for s in strides]
         self.cells = [cell_anchors(s, r, round_corners) for s, r in zip(self.sizes, self.aspect_ratios)]
-        self._cache: Dict[Tuple, List[torch.Tensor]] = {}
+        self._cache: Dict[Tuple, Tuple[List[torch.Tensor], torch.Tensor]] = {}
 
     @classmethod
     def from_shapes(
@@ -87,6 +87,10 @@ class AnchorGenerator(nn.Module):
             per level ``(h * w * A, 4)`` xyxy; row ``(y * w + x) * A + a`` is anchor ``a`` of cell
             ``(y, x)`` (the order of the RPN head's flattened outputs).
         """
+        return self._cached(grid_sizes, device, dtype)[0]
+
+    def _cached(self, grid_sizes: Sequence[Tuple[int, int]], device: torch.device, dtype: torch.dtype) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """``(per-level anchors, all levels concatenated)``, built once per grid sizes and device."""
         key = (tuple(tuple(int(v) for v in g) for g in grid_sizes), str(device), dtype)
         hit = self._cache.get(key)
         if hit is not None:
@@ -102,12 +106,16 @@ class AnchorGenerator(nn.Module):
             out.append((shifts + cell.to(device).reshape(1, -1, 4)).reshape(-1, 4).to(dtype))
         if len(self._cache) >= 16:  # a data pipeline pads to few distinct sizes; bound it anyway
             self._cache.clear()
-        self._cache[key] = out
-        return out
+        self._cache[key] = (out, torch.cat(out))
+        return self._cache[key]
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Anchors for feature maps ``(N, C, h_l, w_l)``, shared by all images of the (padded) batch."""
         return self.grid_anchors([f.shape[-2:] for f in features], features[0].device)
+
+    def concatenated(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All levels' anchors in one ``(sum_l h_l * w_l * A, 4)`` tensor, level-major (cached too)."""
+        return self._cached([f.shape[-2:] for f in features], features[0].device, torch.float32)[1]
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, aspect_ratios={self.aspect_ratios}, strides={self.strides}"

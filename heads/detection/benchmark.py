@@ -12,6 +12,11 @@ transform keeps the input as is). Contenders, timed interleaved (median over rep
   channels-last; with ``amp``, conv and linear weights stored in the autocast dtype).
 
 Training runs one SGD step (forward with targets, sum of losses, backward, step).
+
+With ``count_ops`` each contender also runs once, untimed, under
+:func:`~res_backbone.benchmark.count_dispatch`: the ATen operators it dispatches and the host syncs
+among them. On a GPU at batch 1 a detector is bound by the host (launch overhead per operator), so
+this count predicts the GPU ratio where no GPU is at hand.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from res_backbone.benchmark import AMP_DTYPES, BenchResult, time_interleaved
+from res_backbone.benchmark import AMP_DTYPES, BenchResult, count_dispatch, time_interleaved
 
 from .convert import load_torchvision_detector
 from .faster_rcnn import build_detector, prepare_for_inference
@@ -107,14 +112,20 @@ def bench_detector(
     device: str = "cpu",
     amp: str = "none",
     roi_align: str = "auto",
+    count_ops: bool = False,
+    timed: bool = True,
     progress: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Time inference and one training step of torchvision's and our Faster R-CNN-FPN on ``depth``.
 
     ``roi_align`` sets our pooler's implementation (:class:`~heads.detection.roi_heads.MultiLevelRoIAlign`'s ``impl``).
+    ``count_ops`` adds ``"dispatch"``: per mode and contender the :class:`~res_backbone.benchmark.DispatchCount`
+    of one call, and ``ops_ratio`` (torchvision's operators / ours) in each ratio row. ``timed=False``
+    (with ``count_ops``) skips the timings: ratio rows then hold ``ops_ratio`` only.
 
     Returns:
-        ``{"model", "equivalence": {...}, "results": [BenchResult dicts], "ratios": [...]}``.
+        ``{"model", "equivalence": {...}, "results": [BenchResult dicts], "ratios": [...]}``
+        (and ``"dispatch"`` with ``count_ops``).
     """
     dev = torch.device(device)
     tv, ours = build_pair(depth, num_classes, image_size)
@@ -125,19 +136,30 @@ def bench_detector(
     sizes = [(image_size, image_size)] * batch_size
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
-    def infer(model, args):
+    def infer(model, args, grad_mode=torch.inference_mode):
         def run():
-            with torch.inference_mode(), _autocast(dev, amp):
+            with grad_mode(), _autocast(dev, amp):
                 return model(*args)
         return run
 
-    infer_fns = {"torchvision": infer(tv, (list(x),)), "ours_eager": infer(ours, (x, sizes)), "ours": infer(fast, (x_cl, sizes))}
+    infer_args = {"torchvision": (tv, (list(x),)), "ours_eager": (ours, (x, sizes)), "ours": (fast, (x_cl, sizes))}
+    infer_fns = {k: infer(m, a) for k, (m, a) in infer_args.items()}
     outputs = {k: fn() for k, fn in infer_fns.items()}
+    dispatch = {}
+    if count_ops:  # under no_grad: inference_mode would count composite operators before they decompose
+        dispatch["infer"] = {}
+        for k, (m, a) in infer_args.items():
+            fn = infer(m, a, torch.no_grad)
+            fn()  # warm, as every call after the first (caches keyed on the grad mode: frozen-BN affine)
+            dispatch["infer"][k] = count_dispatch(fn)[1].to_dict()
     equivalence = {"ours_eager": compare_detections(outputs["torchvision"], outputs["ours_eager"]),
                    "ours": compare_detections(outputs["torchvision"], outputs["ours"])}
+    if not (timed or count_ops):
+        raise ValueError("nothing to measure: timed=False needs count_ops=True")
     results = []
-    times = time_interleaved(infer_fns, repeats, warmup, dev, progress)
-    results += [BenchResult(depth, k, "infer", batch_size, t) for k, t in times.items()]
+    if timed:
+        times = time_interleaved(infer_fns, repeats, warmup, dev, progress)
+        results += [BenchResult(depth, k, "infer", batch_size, t) for k, t in times.items()]
 
     if train_batch_size:
         xt = torch.randn(train_batch_size, 3, image_size, image_size).to(dev)
@@ -160,8 +182,13 @@ def bench_detector(
             "torchvision": train(tv, lambda m: m(list(xt), [dict(t) for t in targets])),
             "ours_eager": train(ours, lambda m: m(xt, tsizes, targets)),
         }
-        times = time_interleaved(train_fns, repeats, warmup, dev, progress)
-        results += [BenchResult(depth, k, "train", train_batch_size, t) for k, t in times.items()]
+        if count_ops:
+            for fn in train_fns.values():
+                fn()  # the first step allocates the momentum buffers
+            dispatch["train"] = {k: count_dispatch(fn)[1].to_dict() for k, fn in train_fns.items()}
+        if timed:
+            times = time_interleaved(train_fns, repeats, warmup, dev, progress)
+            results += [BenchResult(depth, k, "train", train_batch_size, t) for k, t in times.items()]
 
     base = {(r.mode,): r for r in results if r.contender == "torchvision"}
     # the machine's speed drifts between repeats (this project's 2-core CPU: +-15%), and the contenders
@@ -170,5 +197,13 @@ def bench_detector(
                "speedup_paired_median": statistics.median(
                    t / o for t, o in zip(base[(r.mode,)].times_s, r.times_s))}
               for r in results if r.contender != "torchvision"]
-    return {"model": f"{depth}_fpn", "image_size": image_size, "roi_align": roi_align, "equivalence": equivalence,
-            "results": [r.to_dict() for r in results], "ratios": ratios}
+    out = {"model": f"{depth}_fpn", "image_size": image_size, "roi_align": roi_align, "equivalence": equivalence,
+           "results": [r.to_dict() for r in results], "ratios": ratios}
+    if count_ops:
+        if not timed:
+            ratios += [{"mode": mode, "contender": k} for mode, counts in dispatch.items() for k in counts if k != "torchvision"]
+        for q in ratios:
+            counts = dispatch[q["mode"]]
+            q["ops_ratio"] = counts["torchvision"]["ops"] / counts[q["contender"]]["ops"]
+        out["dispatch"] = dispatch
+    return out

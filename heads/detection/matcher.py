@@ -39,15 +39,15 @@ class Matcher:
         """
         if iou.numel() == 0 or iou.shape[0] == 0:
             return torch.full((iou.shape[1],), BELOW_LOW_THRESHOLD, dtype=torch.long, device=iou.device)
+        # torch.where, not boolean-mask assignment: no host sync (a mask assignment runs nonzero)
         best, matches = iou.max(dim=0)
-        out = matches.clone()
-        out[best < self.low_threshold] = BELOW_LOW_THRESHOLD
-        out[(best >= self.low_threshold) & (best < self.high_threshold)] = BETWEEN_THRESHOLDS
+        low = torch.where(best < self.low_threshold, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS)
+        out = torch.where(best < self.high_threshold, low, matches)
         if self.allow_low_quality_matches:
             best_per_gt = iou.max(dim=1).values
             # every prediction that reaches some ground truth's best IoU keeps its own best match
             is_best = (iou == best_per_gt[:, None]).any(dim=0)
-            out[is_best] = matches[is_best]
+            out = torch.where(is_best, matches, out)
         return out
 
     def __repr__(self) -> str:

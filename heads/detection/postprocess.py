@@ -55,7 +55,10 @@ def postprocess_detections(
     cand = torch.nonzero((scores > score_thresh) & (wh >= min_size).all(dim=1)).squeeze(1)
     keep = cand[batched_nms(boxes[cand], scores[cand], img[cand] * num_classes + labels[cand], nms_thresh)]
     keep = _per_image_top(keep, img, num_images, detections_per_img)
-    counts = torch.bincount(img[keep], minlength=num_images).tolist()
+    if num_images == 1:
+        counts = [keep.numel()]  # no bincount and no device-to-host copy
+    else:
+        counts = torch.bincount(img[keep], minlength=num_images).tolist()
     return [
         {"boxes": b, "scores": s, "labels": lab}
         for b, s, lab in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))

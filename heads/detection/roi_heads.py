@@ -64,7 +64,10 @@ class MultiLevelRoIAlign(nn.Module):
 
     def level_of(self, boxes: torch.Tensor) -> torch.Tensor:
         """``(R,)`` index into ``in_features`` of each xyxy box (FPN eq. 1, torchvision's rounding)."""
-        s = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+        if boxes.dtype in (torch.float16, torch.bfloat16):
+            boxes = boxes.float()  # as torchvision's box_area: a bf16 area would move RoIs across levels
+        wh = boxes[:, 2:] - boxes[:, :2]
+        s = torch.sqrt(wh[:, 0] * wh[:, 1])
         k = torch.floor(self.canonical_level + torch.log2(s / self.canonical_size) + torch.tensor(1e-6, dtype=s.dtype))
         return (k.clamp(self.k_min, self.k_max) - self.k_min).to(torch.long)
 
@@ -82,13 +85,17 @@ class MultiLevelRoIAlign(nn.Module):
             return self._pool_bags(feats, rois, size)
         if len(feats) == 1:
             return roi_align(feats[0], rois, size, self.scales[0], self.sampling_ratio, self.aligned)
-        levels = self.level_of(boxes)
-        out = rois.new_zeros((rois.shape[0], feats[0].shape[1]) + size)
-        for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
-            idx = torch.nonzero(levels == lvl).squeeze(1)
-            if idx.numel():
-                out[idx] = roi_align(f, rois[idx], size, scale, self.sampling_ratio, self.aligned).to(out.dtype)
-        return out
+        # RoIs sorted by level so that each level pools a contiguous slice: one host sync for all
+        # levels' counts, one gather in and one scatter out (fewer launches than a mask per level)
+        levels, order = self.level_of(boxes).sort(stable=True)
+        bounds = torch.searchsorted(levels, torch.arange(len(feats) + 1, device=levels.device)).tolist()
+        rois = rois[order]
+        parts = [roi_align(f, rois[a:b], size, scale, self.sampling_ratio, self.aligned)
+                 for f, scale, a, b in zip(feats, self.scales, bounds[:-1], bounds[1:]) if b > a]
+        if not parts:
+            return rois.new_zeros((0, feats[0].shape[1]) + size)
+        pooled = parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].dtype) for p in parts])
+        return pooled.new_empty(pooled.shape).index_copy_(0, order, pooled)
 
     def _pool_bags(self, feats: List[torch.Tensor], rois: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         r, bins = rois.shape[0], size[0] * size[1]
@@ -274,8 +281,7 @@ class RoIHeads(nn.Module):
             else:
                 labels = torch.zeros(props.shape[0], dtype=torch.long, device=boxes.device)
                 matched = torch.zeros_like(props)
-            labels[matches == -1] = 0
-            labels[matches == -2] = -1
+            labels = torch.where(matches >= 0, labels, torch.where(matches == -2, -1, 0))
             all_boxes.append(props)
             all_img.append(torch.full((props.shape[0],), i, dtype=torch.long, device=boxes.device))
             all_labels.append(labels)

@@ -61,6 +61,8 @@ def _flatten(logits: torch.Tensor, deltas: torch.Tensor) -> Tuple[torch.Tensor, 
 
 def _per_image_top(keep: torch.Tensor, image_index: torch.Tensor, num_images: int, top_n: int) -> torch.Tensor:
     """From ``keep`` (indices sorted by decreasing score), the first ``top_n`` of each image, grouped by image."""
+    if num_images == 1:
+        return keep[:top_n]  # a slice: no kernel launch, no sort
     img = image_index[keep]
     order = torch.sort(img, stable=True).indices  # group by image, score order kept inside
     keep, img = keep[order], img[order]
@@ -72,10 +74,8 @@ def _per_image_top(keep: torch.Tensor, image_index: torch.Tensor, num_images: in
 
 def clip_boxes(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Clip xyxy ``boxes (..., 4)`` to ``[0, w] x [0, h]``; ``sizes (..., 2)`` holds ``(h, w)`` per box."""
-    h, w = sizes[..., 0:1].to(boxes.dtype), sizes[..., 1:2].to(boxes.dtype)
-    x = boxes[..., 0::2].clamp(min=0).minimum(w)
-    y = boxes[..., 1::2].clamp(min=0).minimum(h)
-    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+    wh = sizes.flip(-1).to(boxes.dtype)
+    return boxes.clamp(min=0).minimum(torch.cat((wh, wh), dim=-1))  # bound (w, h, w, h)
 
 
 class RegionProposalNetwork(nn.Module):
@@ -135,6 +135,7 @@ class RegionProposalNetwork(nn.Module):
         self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
         self.nms_thresh, self.min_size, self.score_thresh = nms_thresh, min_size, score_thresh
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
+        self._constants: Dict[Tuple, Tuple[torch.Tensor, ...]] = {}
 
     def forward(
         self,
@@ -153,35 +154,50 @@ class RegionProposalNetwork(nn.Module):
         """
         feats = [features[n] for n in self.in_features]
         logits, deltas = self.head(feats)
-        anchors = self.anchor_generator(feats)
         flat = [_flatten(lg, d) for lg, d in zip(logits, deltas)]
-        proposals = self._select(flat, anchors, image_sizes)
+        all_deltas = torch.cat([f[1] for f in flat], dim=1)  # (N, M, 4) over all levels
+        anchors = self.anchor_generator.concatenated(feats)  # (M, 4), cached
+        proposals = self._select([f[0] for f in flat], all_deltas, anchors, image_sizes)
         losses: Dict[str, torch.Tensor] = {}
         if targets is not None:
             all_logits = torch.cat([f[0] for f in flat], dim=1)
-            all_deltas = torch.cat([f[1] for f in flat], dim=1)
-            losses = self._losses(all_logits, all_deltas, torch.cat(anchors), targets)
+            losses = self._losses(all_logits, all_deltas, anchors, targets)
         return proposals, losses
 
+    def _selection_constants(self, n: int, ks: Tuple[int, ...], ms: Tuple[int, ...], device: torch.device):
+        """Per selected anchor (``ks[l]`` of the ``ms[l]`` of level ``l``, level-major, for ``n``
+        images): its row offset into the concatenated anchors, its image and its NMS group. They only
+        depend on the sizes, so they are built once per size (no per-call kernel launches)."""
+        key = (n, ks, ms, str(device))
+        hit = self._constants.get(key)
+        if hit is not None:
+            return hit
+        level = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks))
+        offsets = torch.tensor((0,) + ms[:-1]).cumsum(0)[level]
+        image_index = torch.arange(n)[:, None].expand(n, sum(ks)).reshape(-1)
+        groups = image_index * len(ks) + level.repeat(n)
+        out = tuple(t.to(device) for t in (offsets, image_index, groups))
+        if len(self._constants) >= 16:
+            self._constants.clear()
+        self._constants[key] = out
+        return out
+
     @torch.no_grad()
-    def _select(self, flat: List[Tuple[torch.Tensor, torch.Tensor]], anchors: List[torch.Tensor], image_sizes: torch.Tensor) -> Proposals:
+    def _select(self, logits: List[torch.Tensor], deltas: torch.Tensor, anchors: torch.Tensor, image_sizes: torch.Tensor) -> Proposals:
+        """Per level the ``pre_nms_top_n`` best anchors of each image (``logits``: per level
+        ``(N, M_l)``; ``deltas (N, M, 4)`` and ``anchors (M, 4)`` all levels), decoded in one go."""
         mode = "train" if self.training else "test"
         pre_n, post_n = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
-        scores, boxes, levels = [], [], []
-        for lvl, ((lg, dl), anc) in enumerate(zip(flat, anchors)):
-            n, m = lg.shape
-            k = min(pre_n, m)
-            top, idx = lg.detach().topk(k, dim=1)  # (N, k), decode only what is kept
-            d = dl.detach().gather(1, idx[..., None].expand(n, k, 4))
-            boxes.append(self.box_coder.decode(d.reshape(-1, 4), anc[idx.reshape(-1)])[:, 0].reshape(n, k, 4))
-            scores.append(top)
-            levels.append(torch.full((k,), lvl, dtype=torch.long, device=lg.device))
-        scores = torch.sigmoid(torch.cat(scores, dim=1))  # NMS on probabilities, as torchvision
-        boxes = torch.cat(boxes, dim=1)
-        n, k = scores.shape
+        top = [lg.detach().topk(min(pre_n, lg.shape[1]), dim=1) for lg in logits]  # (N, k_l) each
+        n = logits[0].shape[0]
+        offsets, image_index, groups = self._selection_constants(
+            n, tuple(t.values.shape[1] for t in top), tuple(lg.shape[1] for lg in logits), deltas.device)
+        idx = torch.cat([t.indices for t in top], dim=1) + offsets  # (N, K) rows of all levels
+        k = idx.shape[1]
+        d = deltas.detach().gather(1, idx[..., None].expand(n, k, 4))
+        boxes = self.box_coder.decode(d.reshape(-1, 4), anchors[idx.reshape(-1)])[:, 0].reshape(n, k, 4)
+        scores = torch.sigmoid(torch.cat([t.values for t in top], dim=1))  # NMS on probabilities, as torchvision
         boxes = clip_boxes(boxes, image_sizes[:, None, :])
-        image_index = torch.arange(n, device=boxes.device)[:, None].expand(n, k).reshape(-1)
-        groups = (image_index * len(flat) + torch.cat(levels).repeat(n))
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
         wh = boxes[:, 2:] - boxes[:, :2]
         valid = torch.nonzero((wh >= self.min_size).all(dim=1) & (scores >= self.score_thresh)).squeeze(1)
@@ -196,8 +212,7 @@ class RegionProposalNetwork(nn.Module):
         for i, t in enumerate(targets):  # matching needs each image's own ground truth
             gt = t["boxes"].to(anchors)
             matches = self.matcher(box_iou(gt, anchors))
-            labels[i] = (matches >= 0).long()
-            labels[i][matches == -2] = -1
+            labels[i] = torch.where(matches >= 0, 1, torch.where(matches == -2, -1, 0))  # no mask assignment
             if gt.numel():
                 matched_gt[i] = gt[matches.clamp(min=0)]
         labels, matched_gt = labels.reshape(-1), matched_gt.reshape(-1, 4)

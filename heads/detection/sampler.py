@@ -33,27 +33,22 @@ class BalancedSampler:
             ``(pos_idx, neg_idx)``: long indices into ``labels`` of the sampled positives and
             negatives.
         """
-        pos = labels >= 1
-        neg = labels == 0
-        pos_count = torch.zeros(num_images, dtype=torch.long, device=labels.device).index_add_(0, image_index, pos.long())
-        neg_count = torch.zeros(num_images, dtype=torch.long, device=labels.device).index_add_(0, image_index, neg.long())
-        num_pos = pos_count.clamp(max=int(self.batch_size_per_image * self.positive_fraction))
-        num_neg = torch.minimum(neg_count, self.batch_size_per_image - num_pos)
-        return (_random_subset(pos, image_index, num_pos, num_images),
-                _random_subset(neg, image_index, num_neg, num_images))
-
-
-def _random_subset(mask: torch.Tensor, image_index: torch.Tensor, quota: torch.Tensor, num_images: int) -> torch.Tensor:
-    """Indices of ``quota[i]`` items drawn uniformly without replacement from ``mask`` in image ``i``."""
-    idx = torch.nonzero(mask).squeeze(1)
-    if idx.numel() == 0:
-        return idx
-    img = image_index[idx]
-    # sort by (image, random key): a random permutation within each image, images kept apart
-    key = img.to(torch.float64) + torch.rand(idx.numel(), device=idx.device, dtype=torch.float64)
-    order = torch.argsort(key)
-    idx, img = idx[order], img[order]
-    starts = torch.zeros(num_images + 1, dtype=torch.long, device=idx.device)
-    starts[1:] = torch.bincount(img, minlength=num_images).cumsum(0)
-    rank = torch.arange(idx.numel(), device=idx.device) - starts[img]
-    return idx[rank < quota[img]]
+        # positives and negatives drawn in one pass (fewer kernel launches and host syncs than one
+        # pass per kind): group 2 * image + kind, a random order within each group, the first
+        # quota of each group kept
+        cand = torch.nonzero(labels >= 0).squeeze(1)
+        if cand.numel() == 0:
+            return cand, cand
+        group = image_index[cand] * 2 + (labels[cand] == 0).long()  # kind 0 positive, 1 negative
+        counts = torch.bincount(group, minlength=2 * num_images)
+        num_pos = counts[0::2].clamp(max=int(self.batch_size_per_image * self.positive_fraction))
+        num_neg = torch.minimum(counts[1::2], self.batch_size_per_image - num_pos)
+        quota = torch.stack((num_pos, num_neg), dim=1).reshape(-1)
+        key = group.to(torch.float64) + torch.rand(cand.numel(), device=cand.device, dtype=torch.float64)
+        order = torch.argsort(key)
+        cand, group = cand[order], group[order]
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(cand.numel(), device=cand.device) - starts[group]
+        take = rank < quota[group]
+        negative = (group % 2).bool()
+        return cand[take & ~negative], cand[take & negative]

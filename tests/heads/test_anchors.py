@@ -38,3 +38,11 @@ def test_cached_per_size():
     a = gen.grid_anchors([(2, 2)], torch.device("cpu"))
     assert gen.grid_anchors([(2, 2)], torch.device("cpu")) is a
     assert gen.grid_anchors([(3, 2)], torch.device("cpu"))[0].shape == (6, 4)
+
+
+def test_concatenated_levels_cached():
+    gen = AnchorGenerator(sizes=((8,), (16,)), aspect_ratios=((0.5, 1.0),), strides=(4, 8))
+    feats = [torch.zeros(2, 1, 4, 6), torch.zeros(2, 1, 2, 3)]
+    cat = gen.concatenated(feats)
+    assert torch.equal(cat, torch.cat(gen(feats))) and cat.shape == (4 * 6 * 2 + 2 * 3 * 2, 4)
+    assert gen.concatenated(feats) is cat

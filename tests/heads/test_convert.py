@@ -68,6 +68,8 @@ def test_resnet18_fpn_backbone_with_frozen_bn(tmp_path):
     ours = build_detector("resnet18", num_classes=K, norm="frozen_bn", frozen_stages=2)
     load_torchvision_detector(ours, path)
     _compare(tv, ours, s, several_classes=False)  # one class dominates on random r18 features
+    ours.roi_heads.pooler.impl = "torchvision"  # the GPU's path: levels pooled as sorted slices
+    _compare(tv, ours, s, several_classes=False)
     # into trainable BN as well (num_batches_tracked added)
     _compare(tv, load_torchvision_detector(build_detector("resnet18", num_classes=K), path), s, several_classes=False)
 

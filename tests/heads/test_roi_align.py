@@ -116,3 +116,23 @@ def test_inference_copy_for_autocast_gives_bitwise_the_same_detections():
     assert len(ref[0]["boxes"]) > 0
     for k in ref[0]:
         assert torch.equal(out[0][k], ref[0][k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_level_of_equals_torchvision_level_mapper_under_autocast(dtype):
+    """Same level for every RoI as torchvision's LevelMapper, also for bf16 boxes (autocast), whose
+    area torchvision computes in float32: in bf16 the first box below has sqrt(area) 112 = 224 / 2
+    (level p3) instead of 111.65 (p2)."""
+    from torchvision.ops.poolers import initLevelMapper
+
+    shapes, _ = _levels()
+    pool = MultiLevelRoIAlign(shapes, 7, 2, impl="torchvision")
+    g = torch.Generator().manual_seed(4)
+    xy = torch.rand(2000, 2, generator=g) * 400
+    boxes = torch.cat([xy, xy + 1 + torch.rand(2000, 2, generator=g) * 500], 1)
+    boxes = torch.cat([torch.tensor([[0.0, 114.5, 92.0, 250.0]]), boxes]).to(dtype)
+    mapper = initLevelMapper(2, 5, canonical_scale=224, canonical_level=4, eps=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ours, ref = pool.level_of(boxes), mapper([boxes])
+    assert torch.equal(ours, ref.to(torch.long))
+    assert len(set(ours.tolist())) == 4
