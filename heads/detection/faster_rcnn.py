@@ -74,13 +74,28 @@ class FasterRCNN(nn.Module):
             targets = None
         if self.input_memory_format is not None:
             images = images.contiguous(memory_format=self.input_memory_format)
-        sizes = torch.as_tensor([tuple(int(v) for v in s) for s in image_sizes], dtype=torch.long, device=images.device)
+        sizes = self._sizes_tensor(image_sizes, images.device)
         features = self.backbone(images)
         proposals, rpn_losses = self.rpn(features, sizes, targets)
         out = self.roi_heads(features, proposals, sizes, targets)
         if targets is not None:
             return {**rpn_losses, **out}
         return out
+
+
+    def _sizes_tensor(self, image_sizes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """``(B, 2)`` long ``(h, w)`` on ``device``, cached per distinct value: a host-to-device copy
+        makes the host wait for the GPU's queue, so a fixed-size pipeline pays it once, not per call
+        (read-only downstream)."""
+        key = (tuple(tuple(int(v) for v in s) for s in image_sizes), str(device))
+        cache = self.__dict__.setdefault("_sizes_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= 64:
+                cache.clear()
+            with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+                hit = cache[key] = torch.as_tensor(key[0], dtype=torch.long, device=device).reshape(-1, 2)
+        return hit
 
 
 def build_detector(

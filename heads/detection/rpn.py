@@ -172,11 +172,12 @@ class RegionProposalNetwork(nn.Module):
         hit = self._constants.get(key)
         if hit is not None:
             return hit
-        level = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks))
-        offsets = torch.tensor((0,) + ms[:-1]).cumsum(0)[level]
-        image_index = torch.arange(n)[:, None].expand(n, sum(ks)).reshape(-1)
-        groups = image_index * len(ks) + level.repeat(n)
-        out = tuple(t.to(device) for t in (offsets, image_index, groups))
+        with torch.inference_mode(False):  # normal tensors, usable in and out of inference mode
+            level = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks))
+            offsets = torch.tensor((0,) + ms[:-1]).cumsum(0)[level]
+            image_index = torch.arange(n)[:, None].expand(n, sum(ks)).reshape(-1)
+            groups = image_index * len(ks) + level.repeat(n)
+            out = tuple(t.to(device) for t in (offsets, image_index, groups))
         if len(self._constants) >= 16:
             self._constants.clear()
         self._constants[key] = out

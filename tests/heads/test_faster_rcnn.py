@@ -134,3 +134,25 @@ def test_prepare_for_inference_same_detections(arch):
         assert torch.equal(r["labels"], o["labels"])
         torch.testing.assert_close(o["boxes"], r["boxes"], rtol=0, atol=1e-2)
         torch.testing.assert_close(o["scores"], r["scores"], rtol=0, atol=1e-4)
+
+
+def test_size_tensor_and_selection_constants_cached_across_modes():
+    """The per-size tensors a call needs are built once (a host-to-device copy is a GPU sync) and
+    work whether the first call ran in inference mode or not."""
+    torch.manual_seed(0)
+    model = build_detector("resnet18", num_classes=2, **SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        first = model(x, [(64, 60)])
+    sizes = model._sizes_tensor([(64, 60)], x.device)
+    assert not sizes.is_inference() and sizes.tolist() == [[64, 60]]
+    assert model._sizes_tensor([(64, 60)], x.device) is sizes
+    assert model._sizes_tensor([(60, 64)], x.device).tolist() == [[60, 64]]
+    assert len(model.rpn._constants) == 1
+    with torch.no_grad():
+        again = model(x, [(64, 60)])
+    assert torch.equal(first[0]["boxes"], again[0]["boxes"])
+    model.train()
+    losses = model(torch.randn(1, 3, 64, 64), [(64, 60)], [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()  # training after an inference-mode call, on the same caches
+    assert all(torch.isfinite(v) for v in losses.values())
