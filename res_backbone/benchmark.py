@@ -186,15 +186,13 @@ def count_dispatch(fn: Callable[[], object]) -> "tuple[object, DispatchCount]":
     from torch.utils._python_dispatch import TorchDispatchMode
 
     count = DispatchCount()
-    by_op: Dict[str, int] = {}
-    syncs_by_op: Dict[str, int] = {}
 
     def add(name: str, sync: bool) -> None:
         count.ops += 1
-        count.syncs += int(sync)
-        by_op[name] = by_op.get(name, 0) + 1
+        count.by_op[name] = count.by_op.get(name, 0) + 1
         if sync:
-            syncs_by_op[name] = syncs_by_op.get(name, 0) + 1
+            count.syncs += 1
+            count.syncs_by_op[name] = count.syncs_by_op.get(name, 0) + 1
 
     class _Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -219,7 +217,6 @@ def count_dispatch(fn: Callable[[], object]) -> "tuple[object, DispatchCount]":
             out = fn()
     finally:
         torch.Tensor.tolist = tolist
-    count.by_op, count.syncs_by_op = by_op, syncs_by_op
     return out, count
 
 

@@ -15,6 +15,8 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
+from .size_cache import cached_for_size
+
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round_corners: bool = True) -> torch.Tensor:
     """Anchors centred on ``(0, 0)``, ratio-major (ratio ``i``, size ``j`` at ``i * len(sizes) + j``).
@@ -92,22 +94,20 @@ class AnchorGenerator(nn.Module):
     def _cached(self, grid_sizes: Sequence[Tuple[int, int]], device: torch.device, dtype: torch.dtype) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """``(per-level anchors, all levels concatenated)``, built once per grid sizes and device."""
         key = (tuple(tuple(int(v) for v in g) for g in grid_sizes), str(device), dtype)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
         if len(grid_sizes) != len(self.cells):
             raise ValueError(f"{len(grid_sizes)} feature maps for {len(self.cells)} anchor levels")
-        out = []
-        for (h, w), stride, cell in zip(grid_sizes, self.strides, self.cells):
-            xs = torch.arange(w, device=device, dtype=torch.float32) * stride
-            ys = torch.arange(h, device=device, dtype=torch.float32) * stride
-            sy, sx = torch.meshgrid(ys, xs, indexing="ij")
-            shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
-            out.append((shifts + cell.to(device).reshape(1, -1, 4)).reshape(-1, 4).to(dtype))
-        if len(self._cache) >= 16:  # a data pipeline pads to few distinct sizes; bound it anyway
-            self._cache.clear()
-        self._cache[key] = (out, torch.cat(out))
-        return self._cache[key]
+
+        def build() -> Tuple[List[torch.Tensor], torch.Tensor]:
+            out = []
+            for (h, w), stride, cell in zip(key[0], self.strides, self.cells):
+                xs = torch.arange(w, device=device, dtype=torch.float32) * stride
+                ys = torch.arange(h, device=device, dtype=torch.float32) * stride
+                sy, sx = torch.meshgrid(ys, xs, indexing="ij")
+                shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
+                out.append((shifts + cell.to(device).reshape(1, -1, 4)).reshape(-1, 4).to(dtype))
+            return out, torch.cat(out)
+
+        return cached_for_size(self._cache, key, build)  # a data pipeline pads to few distinct sizes
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Anchors for feature maps ``(N, C, h_l, w_l)``, shared by all images of the (padded) batch."""

@@ -127,6 +127,8 @@ def bench_detector(
         ``{"model", "equivalence": {...}, "results": [BenchResult dicts], "ratios": [...]}``
         (and ``"dispatch"`` with ``count_ops``).
     """
+    if not (timed or count_ops):
+        raise ValueError("nothing to measure: timed=False needs count_ops=True")
     dev = torch.device(device)
     tv, ours = build_pair(depth, num_classes, image_size)
     ours.roi_heads.pooler.impl = roi_align
@@ -154,8 +156,6 @@ def bench_detector(
             dispatch["infer"][k] = count_dispatch(fn)[1].to_dict()
     equivalence = {"ours_eager": compare_detections(outputs["torchvision"], outputs["ours_eager"]),
                    "ours": compare_detections(outputs["torchvision"], outputs["ours"])}
-    if not (timed or count_ops):
-        raise ValueError("nothing to measure: timed=False needs count_ops=True")
     results = []
     if timed:
         times = time_interleaved(infer_fns, repeats, warmup, dev, progress)

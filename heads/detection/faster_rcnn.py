@@ -21,6 +21,7 @@ from res_backbone.inference import cast_for_autocast, fold_batchnorm
 
 from .roi_heads import MultiLevelRoIAlign, Res5Head, RoIHeads, TwoFCHead
 from .rpn import RegionProposalNetwork
+from .size_cache import cached_for_size
 
 Pretrained = Union[bool, str, os.PathLike]
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box", "loss_cls", "loss_box")
@@ -39,6 +40,7 @@ class FasterRCNN(nn.Module):
         super().__init__()
         self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
         self.input_memory_format: Optional[torch.memory_format] = None  # set by prepare_for_inference
+        self._sizes_cache: Dict[Tuple, torch.Tensor] = {}
 
     def inference_copy(self, autocast_dtype: Optional[torch.dtype] = None) -> "FasterRCNN":
         """:func:`prepare_for_inference` of this model (what the training and evaluation tools predict
@@ -84,18 +86,10 @@ class FasterRCNN(nn.Module):
 
 
     def _sizes_tensor(self, image_sizes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
-        """``(B, 2)`` long ``(h, w)`` on ``device``, cached per distinct value: a host-to-device copy
-        makes the host wait for the GPU's queue, so a fixed-size pipeline pays it once, not per call
-        (read-only downstream)."""
+        """``(B, 2)`` long ``(h, w)`` on ``device``, cached per distinct value (read-only downstream)."""
         key = (tuple(tuple(int(v) for v in s) for s in image_sizes), str(device))
-        cache = self.__dict__.setdefault("_sizes_cache", {})
-        hit = cache.get(key)
-        if hit is None:
-            if len(cache) >= 64:
-                cache.clear()
-            with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
-                hit = cache[key] = torch.as_tensor(key[0], dtype=torch.long, device=device).reshape(-1, 2)
-        return hit
+        return cached_for_size(self._sizes_cache, key,
+                               lambda: torch.as_tensor(key[0], dtype=torch.long, device=device).reshape(-1, 2), limit=64)
 
 
 def build_detector(

@@ -20,6 +20,7 @@ from .box_coder import BoxCoder
 from .losses import rpn_loss
 from .matcher import Matcher
 from .sampler import BalancedSampler
+from .size_cache import cached_for_size
 
 Proposals = Tuple[torch.Tensor, torch.Tensor]  # boxes (R, 4) xyxy, image index (R,) long, grouped by image
 
@@ -168,20 +169,15 @@ class RegionProposalNetwork(nn.Module):
         """Per selected anchor (``ks[l]`` of the ``ms[l]`` of level ``l``, level-major, for ``n``
         images): its row offset into the concatenated anchors, its image and its NMS group. They only
         depend on the sizes, so they are built once per size (no per-call kernel launches)."""
-        key = (n, ks, ms, str(device))
-        hit = self._constants.get(key)
-        if hit is not None:
-            return hit
-        with torch.inference_mode(False):  # normal tensors, usable in and out of inference mode
+
+        def build() -> Tuple[torch.Tensor, ...]:
             level = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks))
             offsets = torch.tensor((0,) + ms[:-1]).cumsum(0)[level]
             image_index = torch.arange(n)[:, None].expand(n, sum(ks)).reshape(-1)
             groups = image_index * len(ks) + level.repeat(n)
-            out = tuple(t.to(device) for t in (offsets, image_index, groups))
-        if len(self._constants) >= 16:
-            self._constants.clear()
-        self._constants[key] = out
-        return out
+            return tuple(t.to(device) for t in (offsets, image_index, groups))
+
+        return cached_for_size(self._constants, (n, ks, ms, str(device)), build)
 
     @torch.no_grad()
     def _select(self, logits: List[torch.Tensor], deltas: torch.Tensor, anchors: torch.Tensor, image_sizes: torch.Tensor) -> Proposals:
