@@ -70,3 +70,22 @@ def test_fewer_dispatched_operators_than_torchvision():
         counts.append(count_dispatch(step)[1])
     assert counts[0].ops / counts[1].ops >= 1.25, (counts[0].ops, counts[1].ops)
     assert counts[1].syncs < counts[0].syncs
+
+
+def test_detector_count_only_run(tmp_path):
+    out = tmp_path / "ops.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "detector", "--models", "resnet18", "--image-size", "64",
+         "--num-classes", "3", "--train-batch-size", "1", "--roi-align", "torchvision", "--count-only",
+         "--output", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["results"] == [] and "not timed: --count-only" in proc.stdout
+    assert {(q["mode"], q["contender"]) for q in run["ratios"]} == {
+        ("infer", "ours_eager"), ("infer", "ours"), ("train", "ours_eager")}
+    for q in run["ratios"]:
+        counts = run["dispatch"][q["mode"]]
+        assert q["ops_ratio"] == counts["torchvision"]["ops"] / counts[q["contender"]]["ops"]
+        assert "speedup_vs_torchvision" not in q
