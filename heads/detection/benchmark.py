@@ -29,9 +29,10 @@ from typing import Callable, List, Optional
 import torch
 
 from res_backbone.benchmark import AMP_DTYPES, BenchResult, count_dispatch, time_interleaved
+from res_backbone.inference import prepare_for_inference
 
 from .convert import load_torchvision_detector
-from .faster_rcnn import build_detector, prepare_for_inference
+from .faster_rcnn import build_detector
 
 
 def build_pair(depth: str, num_classes: int, image_size: int, seed: int = 0):
