@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from heads.detection.benchmark import _targets, build_pair, compare_detections
+from studies.bench_detector import _targets, build_pair, compare_detections
 from heads.detection.faster_rcnn import prepare_for_inference
-from res_backbone.benchmark import count_dispatch
+from studies.timing import count_dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
 
