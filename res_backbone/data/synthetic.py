@@ -9,19 +9,17 @@ ids are deliberately non-contiguous (3, 7, 11, ...) so the label <-> id mapping 
 Every image draws from its own ``SeedSequence([seed, split, index])``, so the output is
 byte-identical for the same arguments (and ``num_train`` does not change the val split).
 
-    python -m res_backbone.data.synthetic --out data/shapes
+    python tools/make_data.py shapes --out data/shapes
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -301,27 +299,3 @@ def make_synthetic_coco(
 
 
 make_synthetic_coco.paths = synthetic_paths  # type: ignore[attr-defined]  # discoverable from the function
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m res_backbone.data.synthetic",
-                                description="Generate the synthetic-shapes COCO detection dataset.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num-train", type=int, default=1000, help="training images (default 1000)")
-    p.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
-    p.add_argument("--image-size", type=int, default=160, help="nominal image side in px (default 160)")
-    p.add_argument("--num-classes", type=int, default=5, help=f"shape classes, 1..{len(SHAPES)} (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    paths = make_synthetic_coco(args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
-                                num_classes=args.num_classes, seed=args.seed, reuse=not args.force)
-    print(f"done in {time.perf_counter() - t0:.1f}s")
-    for k, v in paths.items():
-        print(f"  {k:12s} {v}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
