@@ -8,7 +8,7 @@ Steps:
 2. copy those tests to a temporary folder that has no ``timm/`` source next to them, so the suite
    imports the installed timm, the one ``res_backbone`` registers its models into;
 3. write random-weight checkpoints under the real torchvision / Hugging Face cache file names
-   (:mod:`res_backbone.testing`) and point ``TORCH_HOME`` / ``HF_HUB_CACHE`` at them, with
+   (:mod:`res_backbone.weights.testing`) and point ``TORCH_HOME`` / ``HF_HUB_CACHE`` at them, with
    ``HF_HUB_OFFLINE=1``, so the suite's pretrained tests go through our offline loading for real;
 4. run pytest with ``TORCH_BACKEND=res_backbone`` (the suite imports that module before
    collecting) and :mod:`studies.timm_suite` as a plugin that keeps only the selected ``rb_*`` tests;

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Sequence, Tuple, Uni
 import numpy as np
 from PIL import Image
 
-from .synthetic import _write_json_atomic
+from ..io import atomic_write_json
 
 __all__ = ["Sample", "coco_layout_paths", "render_once", "write_coco_split"]
 
@@ -22,6 +22,10 @@ PathLike = Union[str, os.PathLike]
 #: one rendered image: uint8 ``(H, W, 3)``, its boxes ``(x0, y0, x1, y1)`` (pixel edges, ``x1``/``y1``
 #: exclusive), their COCO category ids, and extra fields for the image's COCO record
 Sample = Tuple[np.ndarray, Sequence[Tuple[int, int, int, int]], Sequence[int], Mapping]
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    atomic_write_json(obj, path, separators=(",", ":"))  # compact: the sets' json files are large
 
 
 def coco_layout_paths(out_dir: PathLike) -> Dict[str, str]:
@@ -47,8 +51,8 @@ def write_coco_split(out: Path, split: str, samples: Iterable[Sample], categorie
                                 "iscrowd": 0})
     path = out / "annotations" / f"instances_{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic({"info": info, "licenses": [], "images": images, "annotations": annotations,
-                        "categories": categories}, path)
+    _write_json({"info": info, "licenses": [], "images": images, "annotations": annotations,
+                 "categories": categories}, path)
 
 
 def render_once(meta_path: Path, meta: dict, paths: Dict[str, str], write: Callable[[], None],
@@ -68,5 +72,5 @@ def render_once(meta_path: Path, meta: dict, paths: Dict[str, str], write: Calla
     if meta_path.exists():
         meta_path.unlink()  # incomplete while (re)generating
     write()
-    _write_json_atomic(meta, meta_path)
+    _write_json(meta, meta_path)
     return True

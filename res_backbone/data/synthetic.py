@@ -13,7 +13,6 @@ byte-identical for the same arguments (and ``num_train`` does not change the val
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,6 +22,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .coco_writer import coco_layout_paths, render_once, write_coco_split
 
 log = logging.getLogger(__name__)
 
@@ -205,41 +206,20 @@ def render_image(
 
 
 # ----------------------------------------------------------------------------------------- splits
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
+def _make_split(out_dir: Path, split: str, num: int, image_size: int, num_classes: int, seed: int) -> None:
+    def samples():
+        for i in range(num):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], i]))
+            arr, objects = render_image(rng, image_size, num_classes)
+            yield (arr, [(x, y, x + w, y + h) for _, (x, y, w, h) in objects],
+                   [category_id(shape_idx) for shape_idx, _ in objects], {})
 
-
-def _make_split(out_dir: Path, split: str, num: int, image_size: int, num_classes: int, seed: int) -> Tuple[Path, Path]:
-    img_dir = out_dir / split
-    img_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i in range(num):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], i]))
-        arr, objects = render_image(rng, image_size, num_classes)
-        image_id = i + 1
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(arr).save(img_dir / file_name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "height": int(arr.shape[0]), "width": int(arr.shape[1])})
-        for shape_idx, (x, y, w, h) in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id(shape_idx),
-                                "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": 0})
     categories = [{"id": category_id(k), "name": SHAPES[k], "supercategory": "shape"} for k in range(num_classes)]
-    data = {"info": {"description": "res_backbone synthetic shapes", "version": str(_FORMAT_VERSION), "seed": seed},
-            "licenses": [], "images": images, "annotations": annotations, "categories": categories}
-    json_path = out_dir / "annotations" / f"instances_{split}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(data, json_path)
-    return json_path, img_dir
+    write_coco_split(out_dir, split, samples(), categories,
+                     {"description": "res_backbone synthetic shapes", "version": str(_FORMAT_VERSION), "seed": seed})
 
 
-def synthetic_paths(out_dir: os.PathLike | str) -> Dict[str, str]:
-    """Where ``make_synthetic_coco(out_dir)`` puts its files (nothing is generated or checked)."""
-    out = Path(out_dir)
-    return {"train_json": str(out / "annotations" / "instances_train.json"), "train_images": str(out / "train"),
-            "val_json": str(out / "annotations" / "instances_val.json"), "val_images": str(out / "val")}
+synthetic_paths = coco_layout_paths  # where make_synthetic_coco(out_dir) puts its files
 
 
 def make_synthetic_coco(
@@ -276,26 +256,19 @@ def make_synthetic_coco(
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     out = Path(out_dir)
-    paths = {k: Path(v) for k, v in synthetic_paths(out).items()}
+    paths = synthetic_paths(out)
     meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size,
             "num_classes": num_classes, "seed": seed}
-    meta_path = out / "synthetic_meta.json"
-    if reuse and meta_path.is_file() and all(p.exists() for p in paths.values()):
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                return {k: str(v) for k, v in paths.items()}
-        except (OSError, ValueError):
-            pass
-    out.mkdir(parents=True, exist_ok=True)
-    if meta_path.exists():
-        meta_path.unlink()  # mark incomplete while (re)generating
     t0 = time.perf_counter()
-    _make_split(out, "train", num_train, image_size, num_classes, seed)
-    _make_split(out, "val", num_val, image_size, num_classes, seed)
-    _write_json_atomic(meta, meta_path)
-    log.info("synthetic shapes: %d train + %d val images in %s (%.1fs)", num_train, num_val, out,
-             time.perf_counter() - t0)
-    return {k: str(v) for k, v in paths.items()}
+
+    def write() -> None:
+        _make_split(out, "train", num_train, image_size, num_classes, seed)
+        _make_split(out, "val", num_val, image_size, num_classes, seed)
+
+    if render_once(out / "synthetic_meta.json", meta, paths, write, reuse):
+        log.info("synthetic shapes: %d train + %d val images in %s (%.1fs)", num_train, num_val, out,
+                 time.perf_counter() - t0)
+    return paths
 
 
 make_synthetic_coco.paths = synthetic_paths  # type: ignore[attr-defined]  # discoverable from the function
