@@ -60,3 +60,42 @@ def test_docs_index_lists_every_page():
 def test_relative_links_parser():
     page = "see [a](docs/a.md#x), ![b](b.png), [c](https://x.org/c.md), [d](#top), [e](e.json \"title\")"
     assert relative_links(page) == ["docs/a.md", "b.png", "e.json"]
+
+
+COMMAND = re.compile(r"(?:\bpython|\btorchrun[^\n]*?)\s+(tools/[\w/]+\.py)([^\n`|#]*)")
+SUBCOMMANDS = {"tools/bench.py", "tools/weights.py"}
+
+
+def documented_commands() -> list[tuple[str, str | None, list[str]]]:
+    """(tool, subcommand, long flags) of every ``python tools/...`` command in the README and docs/*.md."""
+    found = set()
+    for page in _markdown_files():
+        text = re.sub(r"\\\n\s*", " ", page.read_text(encoding="utf-8"))  # join continued lines
+        for tool, rest in COMMAND.findall(text):
+            words = rest.split()
+            sub = words[0] if tool in SUBCOMMANDS and words and not words[0].startswith("-") else None
+            flags = tuple(sorted(set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest))))
+            found.add((tool, sub, flags))
+    return sorted(found, key=str)
+
+
+@pytest.mark.slow
+def test_documented_flags_exist():
+    """Every flag of a documented command is in that tool's --help (one subprocess per tool and subcommand)."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    commands = documented_commands()
+    assert commands, "no documented commands found"
+
+    def help_text(key: tuple[str, str | None]) -> str:
+        tool, sub = key
+        argv = [sys.executable, str(ROOT / tool), *([sub] if sub else []), "--help"]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600).stdout
+
+    keys = sorted({(tool, sub) for tool, sub, _ in commands}, key=str)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        helps = dict(zip(keys, pool.map(help_text, keys)))
+    wrong = [f"{tool} {sub or ''} {f}" for tool, sub, flags in commands for f in flags if f not in helps[tool, sub]]
+    assert not wrong, f"documented flags that the tools do not have: {sorted(set(wrong))}"
