@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from res_backbone import create_backbone, create_model
-from res_backbone.pretrained import CheckpointMismatchError, load_into, read_checkpoint
+from res_backbone.weights.files import CheckpointMismatchError, read_checkpoint
+from res_backbone.weights.load import load_into
 
 Features = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 

@@ -40,7 +40,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from res_backbone import create_backbone
-from res_backbone.pretrained import CheckpointMismatchError, read_checkpoint
+from res_backbone.weights.files import CheckpointMismatchError, read_checkpoint
 
 from .classification import ClassificationHead, Features, NumClassesMismatchError
 

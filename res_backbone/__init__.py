@@ -10,12 +10,12 @@ from .features import ShapeSpec
 from .fpn import FPN
 from .inference import fold_batchnorm, prepare_for_inference
 from .layers import FrozenBatchNorm2d
-from .pretrained import CheckpointMismatchError, PretrainedNotFoundError
 from .registry import create_backbone, create_model, get_arch, list_models
 from .resnet import ResNet, ResNetBackbone
-from .serialization import load_safetensors, save_safetensors
-
-__version__ = "0.1.0"
+from .version import __version__
+from .weights.cache import PretrainedNotFoundError
+from .weights.files import CheckpointMismatchError, save_safetensors
+from .weights.load import load_safetensors
 
 try:  # register rb_* models with timm (timm is a dependency, but keep the core importable without it)
     from . import timm_compat  # noqa: F401
@@ -27,5 +27,5 @@ __all__ = [
     "BasicBlock", "Bottleneck", "CheckpointMismatchError", "FPN", "FrozenBatchNorm2d",
     "PretrainedNotFoundError", "ResNet", "ResNetBackbone", "ShapeSpec", "create_backbone",
     "create_model", "fold_batchnorm", "get_arch", "list_models", "load_safetensors", "prepare_for_inference",
-    "save_safetensors",
+    "save_safetensors", "__version__",
 ]

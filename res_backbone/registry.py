@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .blocks import BasicBlock, Bottleneck
 from .fpn import FPN
-from .pretrained import DEFAULT_CFG, load_pretrained
+from .weights.catalogue import DEFAULT_CFG
+from .weights.load import load_pretrained
 from .resnet import ResNet, ResNetBackbone, warn_if_frozen_random
 
 _ARCHS: Dict[str, Callable[[], dict]] = {}

@@ -20,7 +20,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
-from .pretrained import CATALOGUE, _strip_prefix, resolve
+from .weights.cache import resolve
+from .weights.catalogue import CATALOGUE
+from .weights.files import strip_prefix
 from .registry import arch_kwargs, get_arch, list_models
 from .resnet import ResNet
 
@@ -72,7 +74,7 @@ default_cfgs = generate_default_cfgs(_default_cfgs())
 
 def _filter_state_dict(state_dict: dict, model: torch.nn.Module) -> dict:
     """Strip wrapper prefixes (``module.``, ``backbone.``) and counters a frozen norm does not hold."""
-    sd = _strip_prefix(state_dict, "conv1.weight")
+    sd = strip_prefix(state_dict, "conv1.weight")
     own = model.state_dict()
     return {k: v for k, v in sd.items() if not (k.endswith("num_batches_tracked") and k not in own)}
 

@@ -5,12 +5,12 @@ from torchvision or timm) and every task tool (``tools/train_det.py``, ``tools/t
 
 * **input channels** - a net pre-trained on grey images (``in_chans=1``, e.g. Fashion-MNIST) gets
   RGB input in the task. Its first conv ``w`` (``(O, 1, k, k)``) becomes ``w / 3`` repeated over the
-  three channels (:func:`~res_backbone.pretrained.adapt_input_conv`), and the RGB input is
+  three channels (:func:`~res_backbone.weights.load.adapt_input_conv`), and the RGB input is
   normalised per channel with the grey statistics repeated (:func:`input_stats`). A grey image
   ``r = g = b = g0`` then gives exactly the response the net learnt, ``sum_c (w / 3) * norm(g0) =
   w * norm(g0)``, so the BatchNorm statistics stored with the weights stay valid. (Repeating ``w``
   without the ``1/3`` would triple every activation of the stem; summing belongs to the opposite
-  direction, RGB weights fed grey input, which :func:`~res_backbone.pretrained.adapt_input_conv`
+  direction, RGB weights fed grey input, which :func:`~res_backbone.weights.load.adapt_input_conv`
   also implements.)
 * **normalisation** - mean/std come from the weights' ``pretrained_cfg`` (the catalogue's for
   ImageNet files, the checkpoint's own for this project's), never from the task's data.
@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .pretrained import IMAGENET_MEAN, IMAGENET_STD
+from .weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

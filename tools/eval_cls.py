@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from res_backbone.evaluation.classification import (
         collect_protocol_probs, default_protocol_sizes, errors_from_probs, markdown_table,
     )
-    from res_backbone.pretrained import CheckpointMismatchError
+    from res_backbone.weights.files import CheckpointMismatchError
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from res_backbone.engine.detection import autocast
     from res_backbone.benchmark import AMP_DTYPES
     from res_backbone.evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
-    from res_backbone.pretrained import IMAGENET_MEAN, IMAGENET_STD
+    from res_backbone.weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
 
     try:
         loaded = [load_detector(p) for p in args.checkpoint]

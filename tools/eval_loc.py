@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from res_backbone.engine.checkpoint import CorruptCheckpointError
     from res_backbone.engine.loc_run import rgb_stats
     from res_backbone.engine.localization import evaluate, make_eval_loader
-    from res_backbone.pretrained import CheckpointMismatchError
+    from res_backbone.weights.files import CheckpointMismatchError
 
     try:
         model, ck = load_localizer(args.checkpoint)

@@ -165,8 +165,8 @@ def weight_archs(names: Sequence[str]) -> List[str]:
 
 def write_fake_caches(root: Path, archs: Sequence[str]) -> Dict[str, Path]:
     """Random-weight torchvision and timm caches for ``archs`` under ``root``; returns env vars."""
-    from res_backbone.pretrained import CATALOGUE
-    from res_backbone.testing import write_fake_timm_cache, write_fake_torchvision_cache
+    from res_backbone.weights.catalogue import CATALOGUE
+    from res_backbone.weights.testing import write_fake_timm_cache, write_fake_torchvision_cache
 
     torch_home, hf_cache = root / "torch", root / "huggingface" / "hub"
     by_source = defaultdict(set)

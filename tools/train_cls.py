@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     from res_backbone.engine import cls_run
     from res_backbone.engine.checkpoint import CorruptCheckpointError
     from res_backbone.engine.step import NonFiniteLossError
-    from res_backbone.pretrained import CheckpointMismatchError
+    from res_backbone.weights.files import CheckpointMismatchError
 
     fields = set(cls_run.ClsTrainConfig.__dataclass_fields__)
     cfg = cls_run.ClsTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     from res_backbone.engine import loc_run
     from res_backbone.engine.checkpoint import CorruptCheckpointError
     from res_backbone.engine.step import NonFiniteLossError
-    from res_backbone.pretrained import CheckpointMismatchError, PretrainedNotFoundError
+    from res_backbone import CheckpointMismatchError, PretrainedNotFoundError
 
     out = Path(args.output)
     fields = set(loc_run.LocTrainConfig.__dataclass_fields__)

@@ -6,7 +6,7 @@
     python tools/weights.py convert resnet50-11ad3fa6.pth r50_tv2.safetensors --to res_backbone
 
 Nothing is downloaded. The catalogue lives in :mod:`res_backbone.weights`; this script only parses
-arguments and prints what :mod:`res_backbone.weight_files` and :mod:`res_backbone.weight_convert`
+arguments and prints what :mod:`res_backbone.weights.identify` and :mod:`res_backbone.weights.convert`
 return.
 """
 from __future__ import annotations
@@ -18,18 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from res_backbone.pretrained import CheckpointMismatchError  # noqa: E402
-from res_backbone.weight_convert import FORMATS, convert_weights  # noqa: E402
-from res_backbone.weight_files import (  # noqa: E402
-    EXIT_MISMATCH,
-    EXIT_OK,
-    EXIT_UNREADABLE,
-    UnreadableWeightsError,
-    catalogue_rows,
-    format_table,
-    verify_file,
-)
-from res_backbone.weights import archs  # noqa: E402
+from res_backbone.weights.cache import catalogue_rows, format_table  # noqa: E402
+from res_backbone.weights.catalogue import archs  # noqa: E402
+from res_backbone.weights.convert import FORMATS, convert_weights  # noqa: E402
+from res_backbone.weights.files import CheckpointMismatchError, UnreadableWeightsError  # noqa: E402
+from res_backbone.weights.identify import EXIT_MISMATCH, EXIT_OK, EXIT_UNREADABLE, verify_file  # noqa: E402
 
 EPILOG = f"""\
 exit status:

@@ -28,7 +28,7 @@ from typing import Dict, Mapping, Union
 import torch
 from torch import nn
 
-from res_backbone.pretrained import read_checkpoint
+from res_backbone.weights.files import read_checkpoint
 
 _RULES = (
     (r"^backbone\.body\.(.+)$", r"backbone.\1"),

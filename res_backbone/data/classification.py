@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..pretrained import IMAGENET_MEAN, IMAGENET_STD
+from ..weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
 from .cls_transforms import (  # noqa: F401  (re-exported: one import place for the classification data)
     AUGMENTATIONS, Compose, Normalize, RandomHorizontalFlip, RandomPadCrop, RandomResizedCrop, ResizeCenterCrop,
     build_cls_transforms,

@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..io import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SHAPES", "category_id", "make_synthetic_coco", "render_image", "synthetic_paths"]
@@ -208,10 +210,7 @@ def render_image(
 
 # ----------------------------------------------------------------------------------------- splits
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    atomic_write_json(obj, path, separators=(",", ":"))
 
 
 def _make_split(out_dir: Path, split: str, num: int, image_size: int, num_classes: int, seed: int) -> Tuple[Path, Path]:

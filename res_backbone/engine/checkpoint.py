@@ -15,48 +15,21 @@ read the ``model`` entry of these files directly.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
+from ..io import atomic_target, atomic_write_text, write_synced  # noqa: F401 (atomic_write_text re-exported)
 from .faults import fault_point
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-
-
-@contextlib.contextmanager
-def atomic_target(path: PathLike, *, fsync_dir: bool = True) -> Iterator[str]:
-    """A temporary file in ``path``'s folder to write; renamed over ``path`` when the block ends, removed
-    if it raises. Readers see the old file or the whole new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-        if fsync_dir:
-            _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_synced(tmp: str, write) -> None:
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def atomic_save(obj: Any, path: PathLike, *, before_rename=None) -> Path:
@@ -67,20 +40,12 @@ def atomic_save(obj: Any, path: PathLike, *, before_rename=None) -> Path:
     on disk and before the rename (what :func:`rotate_and_save` uses to keep the previous file).
     """
     with atomic_target(path) as tmp:
-        _write_synced(tmp, lambda f: torch.save(obj, f))
+        write_synced(tmp, lambda f: torch.save(obj, f))
         if isinstance(obj, dict):
             fault_point("save", obj.get("iteration", obj.get("iter")))
         if before_rename is not None:
             before_rename()
     return Path(path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -132,7 +97,7 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        from ..pretrained import describe_load_error
+        from ..weights.files import describe_load_error
 
         raise CorruptCheckpointError(f"{path}: unreadable checkpoint: {describe_load_error(e)}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
@@ -240,10 +205,3 @@ def rotate_and_save(obj: Any, output_dir: PathLike, name: str = "checkpoint_last
             os.replace(link, prev)
 
     return atomic_save(obj, last, before_rename=keep_previous)
-
-
-def atomic_write_text(text: str, path: PathLike) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
-    with atomic_target(path, fsync_dir=False) as tmp:
-        _write_synced(tmp, lambda f: f.write(text.encode("utf-8")))
-    return Path(path)

@@ -156,7 +156,7 @@ def build_model(cfg: ClsTrainConfig, data: ClsDatasets, load_pretrained: bool = 
 
 def _report_classifier(model: nn.Module, num_classes: int) -> None:
     """Say whether the pretrained file's classifier was kept, or dropped because its size differs."""
-    from ..pretrained import read_checkpoint
+    from ..weights.files import read_checkpoint
 
     path = (getattr(model, "pretrained_cfg", None) or {}).get("file")
     if not path:

@@ -22,7 +22,6 @@ import copy
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ..io import atomic_write_json
 
 __all__ = ["STAT_NAMES", "UNDEFINED_NOTE", "coco_evaluate", "gather_results", "load_coco_gt", "to_coco_results",
            "write_detections_json"]
@@ -229,20 +230,7 @@ def write_detections_json(results: Sequence[Mapping[str, Any]], path: Union[str,
     numpy scalars are converted to python numbers. Note that pycocotools' ``loadRes`` cannot read an
     empty list (``anns[0]``); ``coco_evaluate`` accepts one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(list(results), f, default=_jsonable)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(list(results), path, default=_jsonable)
 
 
 def gather_results(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

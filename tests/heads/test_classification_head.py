@@ -5,7 +5,7 @@ import torch
 from heads import ClassificationHead, Classifier, NumClassesMismatchError, build_classifier, load_classifier
 from res_backbone import CheckpointMismatchError, create_backbone, create_model
 from res_backbone.evaluation.classification import fully_conv_scores
-from res_backbone.testing import write_tiny_cls_checkpoint
+from res_backbone.weights.testing import write_tiny_cls_checkpoint
 
 
 def test_head_pools_and_classifies():

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import res_backbone
 from res_backbone import PretrainedNotFoundError
-from res_backbone.pretrained import IMAGENET_MEAN, IMAGENET_STD
-from res_backbone.testing import FAKE_REVISION, write_fake_timm_cache, write_fake_torchvision_cache
+from res_backbone.weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
+from res_backbone.weights.testing import FAKE_REVISION, write_fake_timm_cache, write_fake_torchvision_cache
 
 REPO = Path(__file__).resolve().parents[2]
 RB_NAMES = [f"rb_{kind}{depth}" for kind in ("resnet", "plain") for depth in (18, 34, 50, 101, 152, 20, 32, 44, 56, 110)]

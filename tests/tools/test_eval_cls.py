@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from res_backbone.data.fashion_mnist import write_fake_fashion_mnist
-from res_backbone.testing import write_tiny_cls_checkpoint
+from res_backbone.weights.testing import write_tiny_cls_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import eval_cls  # noqa: E402

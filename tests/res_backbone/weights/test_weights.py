@@ -16,18 +16,8 @@ from timm.models import get_pretrained_cfg
 from torchvision.models import resnet as tvr
 
 import res_backbone as rb
-from res_backbone.pretrained import CheckpointMismatchError, find_local, resolve
-from res_backbone.testing import write_fake_timm_cache
-from res_backbone.weight_convert import convert_weights
-from res_backbone.weight_files import (
-    UnreadableWeightsError,
-    describe_checkpoint,
-    fitting_archs,
-    hf_blob_digest,
-    identify,
-    verify_file,
-)
-from res_backbone.weights import (
+from res_backbone.weights.cache import find_local, hf_blob_digest, resolve
+from res_backbone.weights.catalogue import (
     WEIGHTS,
     entries_by_digest,
     entries_by_filename,
@@ -35,6 +25,10 @@ from res_backbone.weights import (
     get_entry,
     hash_prefix_of,
 )
+from res_backbone.weights.convert import convert_weights
+from res_backbone.weights.files import CheckpointMismatchError, UnreadableWeightsError
+from res_backbone.weights.identify import describe_checkpoint, fitting_archs, identify, verify_file
+from res_backbone.weights.testing import write_fake_timm_cache
 
 TV_ROWS = [e for e in WEIGHTS if e.source == "torchvision"]
 TIMM_ROWS = [e for e in WEIGHTS if e.source == "timm"]

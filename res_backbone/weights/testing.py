@@ -1,6 +1,6 @@
 """Fake pretrained caches for tests: random weights in the real formats, under the real file names.
 
-``pretrained=True`` never downloads (see :mod:`res_backbone.pretrained`); it reads the files that
+``pretrained=True`` never downloads (see :mod:`res_backbone.weights.cache`); it reads the files that
 torchvision and timm would have left in their caches. To exercise that path for real without the
 network or gigabytes of ImageNet weights, these helpers write *randomly initialised* checkpoints
 exactly where, and exactly as, the two libraries store theirs:
@@ -24,7 +24,9 @@ from typing import Dict, Iterable, Optional, Union
 
 import torch
 
-from .pretrained import CATALOGUE, WeightsEntry
+from ..io import atomic_torch_save, atomic_write_bytes
+from ..version import __version__
+from .catalogue import CATALOGUE, WeightsEntry
 
 PathLike = Union[str, os.PathLike]
 FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id will do
@@ -96,9 +98,7 @@ def write_fake_torchvision_cache(
             if src is not None:
                 _link_or_copy(src, path)
             else:
-                tmp = path.with_name(path.name + ".partial")
-                torch.save(random_state_dict(entry, seed), tmp)
-                os.replace(tmp, path)
+                atomic_torch_save(random_state_dict(entry, seed), path, fsync_dir=False)
         first_of_arch.setdefault(entry.arch, path)
         written[f"{entry.arch}.{entry.tag}"] = path
     return written
@@ -130,19 +130,16 @@ def write_fake_timm_cache(
     Returns:
         ``{"resnet50.a1_in1k": path of snapshots/<revision>/model.safetensors, ...}``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     written: Dict[str, Path] = {}
     for entry in _entries("timm", archs):
         repo_dir = Path(hf_hub_cache) / ("models--" + entry.hf_repo.replace("/", "--"))
         snap = repo_dir / "snapshots" / revision / entry.filename
         if overwrite or not snap.is_file():
-            blobs = repo_dir / "blobs"
-            blobs.mkdir(parents=True, exist_ok=True)
-            tmp = blobs / f"{entry.filename}.partial"
-            save_file(random_state_dict(entry, seed), str(tmp), metadata={"format": "pt"})
-            blob = blobs / _sha256(tmp)
-            os.replace(tmp, blob)
+            data = save(random_state_dict(entry, seed), metadata={"format": "pt"})
+            blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()  # the hub names blobs by content
+            atomic_write_bytes(data, blob)
             snap.parent.mkdir(parents=True, exist_ok=True)
             snap.unlink(missing_ok=True)
             try:  # the hub links snapshot files to content-addressed blobs
@@ -154,14 +151,6 @@ def write_fake_timm_cache(
         ref.write_text(revision)
         written[f"{entry.arch}.{entry.tag}"] = snap
     return written
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -191,8 +180,7 @@ def write_tiny_cls_checkpoint(
     "config", "metrics", "library_version"}``, as ``tools/train_cls.py`` saves it; BatchNorm running
     statistics are randomised so a loader that skipped buffers would be caught.
     """
-    from . import __version__
-    from .registry import create_model
+    from ..registry import create_model
 
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
@@ -208,7 +196,4 @@ def write_tiny_cls_checkpoint(
             "model_kwargs": {"num_classes": num_classes, "in_chans": in_chans}, "pretrained_cfg": cfg,
             "classes": names, "task": "classification", "iter": 0, "epoch": 0, "config": {"seed": seed},
             "metrics": {}, "library_version": __version__}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
+    return atomic_torch_save(ckpt, path, fsync_dir=False)

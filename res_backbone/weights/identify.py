@@ -1,7 +1,6 @@
-"""Weight files on disk: SHA-256, identification against the catalogue, structure, local copies.
+"""Which weights a file holds: SHA-256, identification against the catalogue, structure, verification.
 
-``tools/weights.py list`` and ``verify`` are thin wrappers around :func:`catalogue_rows` and
-:func:`verify_file`. A file is identified three ways:
+``tools/weights.py verify`` is a thin wrapper around :func:`verify_file`. A file is identified three ways:
 
 * by **name**: a published file name (``resnet50-11ad3fa6.pth``, timm's ``resnet50_a1_0-14fe96d1.pth``)
   or a Hugging Face cache path (``models--timm--resnet50.a1_in1k/snapshots/<rev>/model.safetensors``);
@@ -15,37 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .pretrained import (
-    CheckpointMismatchError,
-    _strip_prefix,
-    candidate_paths,
-    hf_snapshot_paths,
-    read_checkpoint,
-)
-from .weights import (
-    WEIGHTS,
-    WeightsEntry,
-    entries_by_digest,
-    entries_by_filename,
-    entries_by_hf_repo,
-    hash_prefix_of,
-)
+from .cache import hf_blob_digest, hf_repo_in_path
+from .catalogue import WeightsEntry, entries_by_digest, entries_by_filename, entries_by_hf_repo, hash_prefix_of
+from .files import CheckpointMismatchError, UnreadableWeightsError, container_of, read_checkpoint, strip_prefix
 
 PathLike = Union[str, os.PathLike]
 EXIT_OK, EXIT_MISMATCH, EXIT_UNREADABLE = 0, 1, 2
-_BLOB = re.compile(r"[0-9a-f]{64}")
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm state, not parameters
-
-
-class UnreadableWeightsError(CheckpointMismatchError):
-    """A file that cannot be read (weights-only) as a checkpoint, or holds no state dict."""
 
 
 # ---------------------------------------------------------------------- hashing and names
@@ -58,21 +39,6 @@ def sha256_file(path: PathLike, progress: Optional[Callable[[int], None]] = None
             if progress is not None:
                 progress(len(block))
     return h.hexdigest()
-
-
-def hf_repo_in_path(path: PathLike) -> Optional[str]:
-    """``timm/resnet50.a1_in1k`` for a path inside ``models--timm--resnet50.a1_in1k/`` of a hub cache."""
-    for part in reversed(Path(path).parts):
-        if part.startswith("models--"):
-            return part[len("models--"):].replace("--", "/")
-    return None
-
-
-def hf_blob_digest(path: PathLike) -> Optional[str]:
-    """The SHA-256 the Hugging Face cache promises for ``path``: large (LFS) files are stored as
-    ``blobs/<sha256>`` and snapshots link to them. ``None`` when ``path`` is not such a blob."""
-    real = Path(path).resolve()
-    return real.name if real.parent.name == "blobs" and _BLOB.fullmatch(real.name) else None
 
 
 def entries_named(path: PathLike) -> List[WeightsEntry]:
@@ -123,7 +89,7 @@ def arch_mismatch(sd: Mapping[str, torch.Tensor], arch: str) -> List[str]:
     The classifier size and the input channels are taken from ``sd``; ``fc.*`` may be absent
     (a backbone); BatchNorm's ``num_batches_tracked`` counters are ignored.
     """
-    from .registry import create_model
+    from ..registry import create_model
 
     num_classes = int(sd["fc.weight"].shape[0]) if "fc.weight" in sd else 1000
     in_chans = int(sd["conv1.weight"].shape[1]) if "conv1.weight" in sd else 3
@@ -142,9 +108,9 @@ def fitting_archs(sd: Mapping[str, torch.Tensor]) -> List[str]:
     returned (``["resnet20", "plain20"]``); ImageNet depths are told apart by stage depths, block
     type and projection shortcuts.
     """
-    from .registry import get_arch, list_models
+    from ..registry import get_arch, list_models
 
-    sd = _strip_prefix(dict(sd), "conv1.weight")
+    sd = strip_prefix(dict(sd), "conv1.weight")
     if "conv1.weight" not in sd:
         return []
     depths = _stage_depths(sd)
@@ -208,11 +174,11 @@ def describe_checkpoint(path: PathLike) -> Tuple[CheckpointInfo, Dict[str, torch
         raise
     except Exception as e:  # CheckpointMismatchError from torch.load, safetensors' own errors
         raise UnreadableWeightsError(str(e) if isinstance(e, CheckpointMismatchError) else f"{path}: {e}") from e
-    sd = _strip_prefix(raw, "conv1.weight")
+    sd = strip_prefix(raw, "conv1.weight")
     anchors = [k[: -len("conv1.weight")] for k in raw if k.endswith(".conv1.weight")]
     prefix = min(anchors, key=len) if sd is not raw and anchors else ""
     info = CheckpointInfo(
-        container="safetensors" if path.suffix == ".safetensors" else "torch pickle",
+        container=container_of(path),
         layout=_layout(meta),
         prefix=prefix,
         ignored=len(raw) - len(sd),
@@ -312,59 +278,7 @@ def verify_file(path: PathLike, *, load: bool = True, progress: Optional[Callabl
     return rep
 
 
-# ---------------------------------------------------------------------- local copies and the table
-def local_copies(entry: WeightsEntry, extra_dirs: Sequence[PathLike] = ()) -> List[Path]:
-    """Existing files of ``entry``: the torch hub and Hugging Face caches, then each of ``extra_dirs``
-    (checked as a plain folder of files, as a ``TORCH_HOME`` and as a Hugging Face hub cache)."""
-    found = [p for p in candidate_paths(entry) if p.is_file()]
-    names = [n for n in entry.file_names if n != entry.hf_filename]
-    hf_file = entry.hf_filename if entry.source == "torchvision" else entry.filename
-    for d in map(Path, extra_dirs):
-        options = [d / n for n in names] + [d / "hub" / "checkpoints" / n for n in names]
-        if entry.hf_repo:
-            options += hf_snapshot_paths(entry.hf_repo, hf_file, d) + hf_snapshot_paths(entry.hf_repo, hf_file, d / "hub")
-        found += [p for p in options if p.is_file() and p not in found]
-    return found
-
-
-def catalogue_rows(arch: Optional[str] = None, extra_dirs: Sequence[PathLike] = ()) -> List[dict]:
-    """Every catalogued weight (of ``arch``), as a JSON-ready dict with ``local``: the copies found."""
-    rows = []
-    for e in WEIGHTS:
-        if arch is None or e.arch == arch:
-            rows.append({"name": e.name, "label": e.label, **asdict(e), "hash_prefixes": e.hash_prefixes,
-                         "eval_size": e.eval_size, "eval_crop_pct": round(e.eval_crop_pct, 4),
-                         "local": [str(p) for p in local_copies(e, extra_dirs)]})
-    return rows
-
-
-def _short(path: str) -> str:
-    home = str(Path.home())
-    return "~" + path[len(home):] if path.startswith(home + os.sep) else path
-
-
-def format_table(rows: Iterable[dict]) -> str:
-    """Aligned text table of :func:`catalogue_rows` (the published accuracy's resize/crop included)."""
-    head = ("weights", "source", "torchvision enum", "file / hub repo", "eval", "crop", "interp",
-            "top-1", "top-5", "published by", "local copy")
-    table = [head]
-    for r in rows:
-        local = _short(r["local"][0]) + (f" (+{len(r['local']) - 1})" if len(r["local"]) > 1 else "") if r["local"] else "-"
-        table.append((
-            r["name"], r["source"], r["tv_weights"] or "-",
-            r["filename"] if r["source"] == "torchvision" else r["hf_repo"],
-            str(r["eval_size"]), f"{r['eval_crop_pct']:.3f}", r["interpolation"],
-            f"{r['top1']:.3f}" if r["top1"] is not None else "-", f"{r['top5']:.3f}" if r["top5"] is not None else "-",
-            r["metrics_by"] or "-", local,
-        ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 __all__ = [
-    "EXIT_MISMATCH", "EXIT_OK", "EXIT_UNREADABLE", "CheckpointInfo", "UnreadableWeightsError", "VerifyReport", "arch_mismatch",
-    "catalogue_rows", "describe_checkpoint", "entries_named", "fitting_archs", "format_table",
-    "hf_blob_digest", "hf_repo_in_path", "identify", "local_copies", "sha256_file", "verify_file",
+    "EXIT_MISMATCH", "EXIT_OK", "EXIT_UNREADABLE", "CheckpointInfo", "VerifyReport", "arch_mismatch",
+    "describe_checkpoint", "entries_named", "fitting_archs", "identify", "sha256_file", "verify_file",
 ]

@@ -1,7 +1,7 @@
 """Convert ResNet weights between torchvision, timm and this project's checkpoint layout.
 
 The three libraries use the same parameter names (``conv1``, ``bn1``, ``layer1``..``layer4``,
-``downsample.0/1``, ``fc``; see ``tests/res_backbone/test_weights.py``), so converting never renames
+``downsample.0/1``, ``fc``; see ``tests/res_backbone/weights/test_weights.py``), so converting never renames
 a tensor. What differs is the wrapping and the container:
 
 =============  ===========================================================================
@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .pretrained import DEFAULT_CFG, CheckpointMismatchError, read_checkpoint
-from .weight_files import arch_mismatch, describe_checkpoint, entries_named, fitting_archs, identify, sha256_file
-from .weights import hash_prefix_of
+from ..io import atomic_target
+from ..version import __version__
+from .catalogue import DEFAULT_CFG, hash_prefix_of
+from .files import CheckpointMismatchError, read_checkpoint
+from .identify import arch_mismatch, describe_checkpoint, entries_named, fitting_archs, identify, sha256_file
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("torchvision", "timm", "res_backbone")
@@ -112,7 +113,7 @@ def _target_model(to: str, arch: str, num_classes: int, in_chans: int):
 
 def _pretrained_cfg(arch: str, entry, meta: Mapping, num_classes: int, in_chans: int) -> dict:
     """The data config to record: the catalogue's for known weights, the source's own, else defaults."""
-    from .registry import get_arch
+    from ..registry import get_arch
 
     if entry is not None:
         cfg = entry.pretrained_cfg()
@@ -127,21 +128,14 @@ def _pretrained_cfg(arch: str, entry, meta: Mapping, num_classes: int, in_chans:
 
 
 def _write(dst: Path, tensors: Dict[str, torch.Tensor], payload: Optional[dict], meta: Dict[str, str]) -> None:
-    """Write to a temporary file next to ``dst`` and rename it over ``dst`` (never half a file)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    """Write ``dst`` atomically (never half a file): safetensors or a torch file, by its suffix."""
+    with atomic_target(dst, fsync_dir=False) as tmp:
         if dst.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(tensors, tmp, metadata=meta)
         else:
             torch.save(payload if payload is not None else tensors, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -173,7 +167,7 @@ def check_converted(dst: PathLike, to: str, arch: str, reference: Mapping[str, t
     """
     dst = Path(dst)
     if to == "res_backbone":
-        from .registry import create_model
+        from ..registry import create_model
 
         model = create_model(arch, num_classes=num_classes, in_chans=in_chans, pretrained=dst)
         how = f"res_backbone.create_model({arch!r}, num_classes={num_classes}, pretrained=...)"
@@ -251,8 +245,6 @@ def convert_weights(src: PathLike, dst: PathLike, *, to: Optional[str] = None, a
     meta_out = {"format": "pt", "layout": to, "arch": arch, "source": src.name, "source_sha256": digest}
     payload = None
     if to == "res_backbone":
-        from . import __version__
-
         kwargs = {"num_classes": num_classes, "in_chans": in_chans}
         payload = {"model": tensors, "arch": arch, "model_name": arch, "model_kwargs": kwargs,
                    "pretrained_cfg": cfg, "library_version": __version__, "converted_from": origin}

@@ -16,10 +16,10 @@ from heads.detection import build_detector
 from heads.detection.ensemble import load_detector
 from heads.localization import load_localizer
 from res_backbone.engine import checkpoint as ckpt_mod
-from res_backbone.pretrained import CheckpointMismatchError, read_checkpoint
-from res_backbone.serialization import load_state_dict_checked, read_safetensors
+from res_backbone.weights.files import CheckpointMismatchError, read_checkpoint, read_safetensors
+from res_backbone.weights.load import load_state_dict_checked
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # a detector small enough to build and run in well under a second
 DET = dict(backbone="resnet18", num_classes=3, fpn_channels=32, representation_size=64, rpn_pre_nms_top_n_test=50,
            rpn_post_nms_top_n_test=20, box_detections_per_img=10, box_score_thresh=0.0)

@@ -4,10 +4,10 @@ One table, :data:`WEIGHTS`, holds what is known about each published file: where
 keeps it, the SHA-256 prefix torchvision (and timm's older GitHub releases) put in the file name,
 the data config the weights expect (input size, test-time crop, mean/std, interpolation) and the
 ImageNet-1k accuracy its publisher reports. Nothing here reads files or touches the network; cache
-lookup and loading live in :mod:`res_backbone.pretrained`, hashing and conversion in
-:mod:`res_backbone.weight_files`.
+lookup lives in :mod:`.cache`, loading in :mod:`.load`, hashing in :mod:`.identify`, conversion in
+:mod:`.convert`.
 
-Sources of the facts (``tests/res_backbone/test_weights.py`` checks them against the installed
+Sources of the facts (``tests/res_backbone/weights/test_weights.py`` checks them against the installed
 libraries, so a wrong row fails a test):
 
 * torchvision rows: ``torchvision.models.ResNet*_Weights`` (``url``, ``meta["_metrics"]``,
@@ -173,6 +173,11 @@ WEIGHTS: Tuple[WeightsEntry, ...] = (
     _timm("resnet152", "a1h_in1k", "resnet152_a1h-dc400468.pth", 83.450, 96.538),
 )
 
+CATALOGUE: Tuple[WeightsEntry, ...] = WEIGHTS  # the same table under the name the loaders use
+
+# The data config of weights the catalogue does not know (this project's own files without one).
+DEFAULT_CFG = WeightsEntry("", "none", "none", "").pretrained_cfg() | {"tag": None, "source": None}
+
 # The order ``pretrained=True`` tries an arch's weights in: torchvision's current default first.
 TAG_PRIORITY = {"tv2_in1k": 0, "tv_in1k": 1, "a1_in1k": 2, "a1h_in1k": 3}
 
@@ -219,7 +224,7 @@ def entries_by_hf_repo(repo: str) -> List[WeightsEntry]:
 
 
 __all__ = [
-    "HASH_IN_NAME", "IMAGENET_MEAN", "IMAGENET_STD", "TAG_PRIORITY", "WEIGHTS", "WeightsEntry", "archs",
+    "CATALOGUE", "DEFAULT_CFG", "HASH_IN_NAME", "IMAGENET_MEAN", "IMAGENET_STD", "TAG_PRIORITY", "WEIGHTS", "WeightsEntry", "archs",
     "entries_by_digest", "entries_by_filename", "entries_by_hf_repo", "entries_for", "get_entry",
     "hash_prefix_of",
 ]

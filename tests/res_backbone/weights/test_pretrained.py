@@ -8,7 +8,9 @@ import torchvision
 from safetensors.torch import save_file
 
 import res_backbone as rb
-from res_backbone.pretrained import CATALOGUE, CheckpointMismatchError, PretrainedNotFoundError, read_checkpoint
+from res_backbone.weights.cache import PretrainedNotFoundError
+from res_backbone.weights.catalogue import CATALOGUE
+from res_backbone.weights.files import CheckpointMismatchError, read_checkpoint
 
 
 def _tv_file(home, name="resnet18", filename="resnet18-f37072fd.pth"):
