@@ -26,14 +26,14 @@ from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, wr
 from ..transfer import BackboneFreeze
 from ..visualize import draw_detections
 from . import checkpoint as ckpt_mod
-from .detection import NonFiniteLossError, predict, train_one_epoch
+from .detection import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
 from .distributed import DistInfo, barrier
 from .logger import RunLogger
 from .step import AMP_DTYPES
 from .memory import peak_rss_report
 from .optim import build_optimizer, lr_factor, set_lr
-from .run_common import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
-    EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state,
+from .runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
+    EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
 )
 
@@ -359,80 +359,54 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
                 "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
                 "transfer": cfg.transfer or None}, step=it)
 
-    def save(name="checkpoint_last.pt", pending_eval=False):
+    def save(done: int, name: str = "checkpoint_last.pt", pending_eval: bool = False) -> None:
         if dist.is_main:
-            payload = checkpoint_payload(model, optimizer, scaler, it_box[0], it_box[0] // iters_per_epoch,
-                                         cfg, data, best_ap, metrics)
+            payload = checkpoint_payload(model, optimizer, scaler, done, done // iters_per_epoch, cfg, data,
+                                         best_ap, metrics)
             save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
         barrier()
 
-    def eval_due(i: int) -> bool:
-        return data.val_loader is not None and (
-            i >= max_iters or (i % iters_per_epoch == 0 and (i // iters_per_epoch) % cfg.eval_every == 0))
-
-    it_box = [it]
-    bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
-               dynamic_ncols=True)
-    with SignalFlag() as sig:
-
-        def on_end(done: int) -> None:
+    def train_epoch(start: int, on_end) -> int:
+        def on_iteration_end(done: int) -> None:
             nonlocal runner
-            it_box[0] = done
             if freezer is not None and freezer.update(done):  # released: DDP must see the new parameters
                 runner = wrap() if not cfg.compile else torch.compile(wrap())
                 logger.log({"event": "backbone_unfrozen"}, step=done)
-            periodic = done % cfg.checkpoint_every == 0
-            if periodic:
-                save(pending_eval=eval_due(done))
-            if stop_requested(sig):  # all ranks agree, so all stop here
-                stop(done, "training", saved=periodic)
+            on_end(done)
 
-        def stop(done: int, during: str, saved: bool = False) -> None:
-            if not saved:
-                save(pending_eval=eval_due(done))
-            logger.log({"event": "preempted", "signal": sig.signum, "during": during}, step=done)
-            raise Preempted(f"signal {sig.signum or '(on another rank)'} at iteration {done} (during {during}); "
-                            f"checkpoint written to {out}")
+        return train_one_epoch(
+            runner, data.train_loader, optimizer, device=device, start_iter=start, max_iters=max_iters,
+            lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
+                i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
+                milestones=cfg.milestones)),
+            amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
+            logger=logger, log_every=cfg.log_every, on_iteration_end=on_iteration_end, progress=bar,
+        )
 
-        try:
-            while pending_eval or it < max_iters:
-                if not pending_eval:  # a run resumed with its evaluation pending evaluates first
-                    epoch = it // iters_per_epoch
-                    data.train_sampler.set_epoch(epoch)
-                    data.train_sampler.skip(it - epoch * iters_per_epoch)
-                    it = train_one_epoch(
-                        runner, data.train_loader, optimizer, device=device, start_iter=it, max_iters=max_iters,
-                        lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
-                            i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
-                            milestones=cfg.milestones)),
-                        amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
-                        logger=logger, log_every=cfg.log_every, on_iteration_end=on_end, progress=bar,
-                    )
-                    it_box[0] = it
-                    if it % iters_per_epoch == 0 and it % cfg.checkpoint_every:
-                        save(pending_eval=eval_due(it))
-                pending_eval = False
-                if eval_due(it):
-                    try:
-                        metrics = evaluate(runner, data, cfg, device, out, is_main=dist.is_main,
-                                           progress=cfg.progress, iteration=it)
-                    except Preempted:
-                        stop(it, "evaluation")
-                    if dist.is_main and metrics is not None:
-                        logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=it, prefix="val/")
-                        if metrics["AP"] > best_ap:
-                            best_ap = metrics["AP"]
-                            save("checkpoint_best.pt")
-                        else:
-                            barrier()
-                    else:
-                        barrier()
-            save()
-            logger.log({"event": "end", **peak_rss_report()}, step=it)
-        except NonFiniteLossError:
-            logger.log({"event": "stopped_non_finite"}, step=it_box[0])
-            raise
-        finally:
-            bar.close()
-            logger.close()
+    def after_epoch(done: int, last: bool) -> None:
+        nonlocal best_ap, metrics
+        due = last or (done % iters_per_epoch == 0 and (done // iters_per_epoch) % cfg.eval_every == 0)
+        if data.val_loader is None or not due:
+            return
+        metrics = evaluate(runner, data, cfg, device, out, is_main=dist.is_main, progress=cfg.progress,
+                           iteration=done)
+        if dist.is_main and metrics is not None:
+            logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=done, prefix="val/")
+            if metrics["AP"] > best_ap:
+                best_ap = metrics["AP"]
+                save(done, "checkpoint_best.pt")
+                return
+        barrier()
+
+    bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
+               dynamic_ncols=True)
+    try:
+        it = run_epochs(start_iter=it, max_iters=max_iters, iters_per_epoch=iters_per_epoch,
+                        sampler=data.train_sampler, train_epoch=train_epoch, save=save, after_epoch=after_epoch,
+                        checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval,
+                        checkpoint_before_eval=True)
+        logger.log({"event": "end", **peak_rss_report()}, step=it)
+    finally:
+        bar.close()
+        logger.close()
     return metrics or {}

@@ -36,7 +36,7 @@ from .detection import train_one_epoch
 from .localization import LossAdapter, evaluate, make_eval_loader
 from .logger import RunLogger
 from .optim import build_optimizer, lr_factor, set_lr
-from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
+from .runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
 )
