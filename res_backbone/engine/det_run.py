@@ -32,6 +32,7 @@ from .logger import RunLogger
 from .step import AMP_DTYPES
 from .memory import peak_rss_report
 from .optim import build_optimizer, lr_factor, set_lr
+from .run_config import DEFAULTS, RunConfig, resolve_device
 from .runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
     EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
@@ -42,7 +43,7 @@ LIBRARY_VERSION = "0.1.0"
 
 
 @dataclass
-class DetTrainConfig:
+class DetTrainConfig(RunConfig):
     """Every option of a detection run (the tool's flags, one to one)."""
 
     output: str = "runs/det"
@@ -73,20 +74,10 @@ class DetTrainConfig:
     grad_clip: Optional[float] = None
     backbone_lr_mult: float = 1.0
     freeze_backbone_iters: int = 0
-    amp: str = "none"
-    channels_last: bool = False
     compile: bool = False
     workers: int = 2
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "cpu"
-    resume: Optional[str] = None
-    checkpoint_every: int = 200
-    eval_every: int = 1
-    log_every: int = 20
-    num_pictures: int = 8
+    num_pictures: int = DEFAULTS["num_pictures"]
     score_thresh_pictures: float = 0.3
-    progress: bool = True
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
     transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
@@ -201,7 +192,7 @@ def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, 
     base = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
     batches = ResumableBatchSampler(GroupedBatchSampler(base, train_set.aspect_ratios(), cfg.batch_size), base)
     common = dict(num_workers=cfg.workers, collate_fn=collate_detection, persistent_workers=cfg.workers > 0,
-                  pin_memory=cfg.device.startswith("cuda"))
+                  pin_memory=resolve_device(cfg.device).startswith("cuda"))
     # A private generator: creating a loader iterator must not consume the global torch RNG, which
     # the model's samplers use and the checkpoint restores.
     train_loader = DataLoader(EpochSeeded(train_set, cfg.seed), batch_sampler=batches,
@@ -317,7 +308,8 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
     from tqdm import tqdm
 
     out = Path(cfg.output)
-    device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device)
+    device_name = resolve_device(cfg.device)
+    device = torch.device(f"cuda:{dist.local_rank}" if device_name == "cuda" else device_name)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
