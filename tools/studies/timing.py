@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from res_backbone.engine.step import AMP_DTYPES
+from res_backbone.engine.optim_step import AMP_DTYPES
 
 __all__ = ["AMP_DTYPES", "BenchResult", "DispatchCount", "SYNC_OPS", "autocast", "count_dispatch", "time_interleaved"]
 
