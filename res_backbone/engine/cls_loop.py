@@ -5,7 +5,7 @@ Errors are reported in percent (the paper's tables): ``top1_err = 100 * (1 - top
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch import nn
 
 from . import loop
 from .loop import ClassificationLoss, WindowMeter
-from .optim_step import OptimizerStep, autocast
+from .optim_step import autocast
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
@@ -24,29 +24,15 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    *,
-    device: torch.device,
-    start_iter: int,
-    max_iters: Union[int, Callable[[], int]],
-    lr_at: Callable[[int], float],
-    amp: str = "none",
-    scaler: Optional[torch.amp.GradScaler] = None,
-    grad_clip: Optional[float] = None,
-    channels_last: bool = False,
-    label_smoothing: float = 0.0,
-    logger=None,
-    log_every: int = 50,
-    on_iteration_end: Optional[Callable[[int], None]] = None,
-    max_bad_steps: int = 5,
-    progress=None,
+    model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, device: torch.device, amp: str = "none",
+    channels_last: bool = False, label_smoothing: float = 0.0, log_every: int = 50, **kw,
 ) -> Tuple[int, Dict[str, float]]:
     """One pass of :func:`~.loop.train_one_epoch` over ``(images, labels)`` batches with the classifiers'
     loss (:class:`~.loop.ClassificationLoss`) and records (:class:`~.loop.WindowMeter`).
 
     Args:
+        kw: ``start_iter``, ``max_iters``, ``lr_at``, ``scaler``, ``grad_clip``, ``logger``,
+            ``on_iteration_end``, ``max_bad_steps``, ``progress`` (:func:`~.loop.train_pass`).
         max_iters: the iteration to stop at, or a callable returning it (read before every iteration).
         lr_at: sets the learning rate for an iteration and returns it (see :mod:`.optim`).
         amp: ``none``, ``bf16`` or ``fp16`` (fp16 wants a ``scaler``).
@@ -62,12 +48,8 @@ def train_one_epoch(
     Returns:
         ``(next iteration index, {"loss", "top1_err", "n"})`` over the iterations of this call.
     """
-    step = OptimizerStep(optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip,
-                         max_bad_steps=max_bad_steps, logger=logger)
     loss_fn = ClassificationLoss(device, amp=amp, channels_last=channels_last, label_smoothing=label_smoothing)
-    return loop.train_one_epoch(model, loss_fn, loader, step, start_iter=start_iter, max_iters=max_iters,
-                                lr_at=lr_at, meter=WindowMeter(device), logger=logger, log_every=log_every,
-                                on_iteration_end=on_iteration_end, progress=progress)
+    return loop.train_pass(model, loss_fn, loader, optimizer, meter=WindowMeter(device), log_every=log_every, **kw)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ losses) and prediction over a split, for detectors that follow docs/detection_in
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Iterable, List
 
 import torch
 from torch import nn
@@ -16,30 +16,15 @@ from .loop import DetectionLoss, to_device  # noqa: F401  (to_device re-exported
 from .optim_step import AMP_DTYPES, NonFiniteLossError, OptimizerStep, autocast  # noqa: F401  (re-exported)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    *,
-    device: torch.device,
-    start_iter: int,
-    max_iters: Union[int, Callable[[], int]],
-    lr_at: Callable[[int], float],
-    amp: str = "none",
-    scaler: Optional[torch.amp.GradScaler] = None,
-    grad_clip: Optional[float] = None,
-    channels_last: bool = False,
-    logger=None,
-    log_every: int = 20,
-    on_iteration_end: Optional[Callable[[int], None]] = None,
-    max_bad_steps: int = 5,
-    progress=None,
-) -> int:
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                    amp: str = "none", channels_last: bool = False, log_every: int = 20, **kw) -> int:
     """One pass of :func:`~.loop.train_one_epoch` over ``(images, image_sizes, targets)`` batches with the
     detectors' loss (:class:`~.loop.DetectionLoss`, the sum of the model's loss dict); return the next
     iteration index.
 
     Args:
+        kw: ``start_iter``, ``max_iters``, ``lr_at``, ``scaler``, ``grad_clip``, ``logger``,
+            ``on_iteration_end``, ``max_bad_steps``, ``progress`` (:func:`~.loop.train_pass`).
         max_iters: the iteration to stop at, or a callable returning it (read before every iteration,
             so a time budget can re-size the run while it trains).
         lr_at: sets the learning rate for an iteration and returns it (see :mod:`.optim`).
@@ -49,12 +34,8 @@ def train_one_epoch(
             :class:`NonFiniteLossError`; with fp16 the scaler's own skip logic applies instead.
         progress: an optional tqdm bar, advanced by one per iteration with loss and img/s.
     """
-    step = OptimizerStep(optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip,
-                         max_bad_steps=max_bad_steps, logger=logger)
-    it, _ = loop.train_one_epoch(model, DetectionLoss(device, amp=amp, channels_last=channels_last), loader, step,
-                                 start_iter=start_iter, max_iters=max_iters, lr_at=lr_at, logger=logger,
-                                 log_every=log_every, on_iteration_end=on_iteration_end, progress=progress)
-    return it
+    loss_fn = DetectionLoss(device, amp=amp, channels_last=channels_last)
+    return loop.train_pass(model, loss_fn, loader, optimizer, log_every=log_every, **kw)[0]
 
 
 @torch.no_grad()

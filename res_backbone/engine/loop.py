@@ -21,7 +21,7 @@ from .faults import fault_point
 from .optim_step import OptimizerStep, autocast
 
 __all__ = ["ClassificationLoss", "DetectionLoss", "LastLossMeter", "LossOutput", "WindowMeter", "to_device",
-           "train_one_epoch"]
+           "train_one_epoch", "train_pass"]
 
 
 @dataclass
@@ -209,3 +209,14 @@ def train_one_epoch(
         if on_iteration_end is not None:
             on_iteration_end(it)
     return it, meter.summary()
+
+
+def train_pass(model: nn.Module, loss_fn: Callable[[nn.Module, object], LossOutput], loader: Iterable,
+               optimizer: torch.optim.Optimizer, *, scaler: Optional[torch.amp.GradScaler] = None,
+               grad_clip: Optional[float] = None, max_bad_steps: int = 5, logger=None, **loop_kw,
+               ) -> Tuple[int, Dict[str, float]]:
+    """:func:`train_one_epoch` with a fresh :class:`~.optim_step.OptimizerStep` over ``optimizer`` (``scaler``,
+    ``grad_clip``, ``max_bad_steps``; its skip events go to ``logger``); ``loop_kw``: the loop's keywords."""
+    step = OptimizerStep(optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip,
+                         max_bad_steps=max_bad_steps, logger=logger)
+    return train_one_epoch(model, loss_fn, loader, step, logger=logger, **loop_kw)
