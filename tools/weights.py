@@ -5,7 +5,7 @@
     python tools/weights.py verify ~/.cache/torch/hub/checkpoints/resnet50-11ad3fa6.pth
     python tools/weights.py convert resnet50-11ad3fa6.pth r50_tv2.safetensors --to res_backbone
 
-Nothing is downloaded. The catalogue lives in :mod:`res_backbone.weights`; this script only parses
+Nothing is downloaded. The catalogue lives in :mod:`res_backbone.weights.catalogue`; this script only parses
 arguments and prints what :mod:`res_backbone.weights.identify` and :mod:`res_backbone.weights.convert`
 return.
 """
