@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the exact versions the project is tested with; pyproject.toml keeps open ranges.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # The main job: train a detector on the embedded synthetic data, evaluate it with COCO metrics and
@@ -25,7 +26,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# timm's own model test suite over the rb_* names (see README, "A timm citizen").
+# timm's own model test suite over the rb_* names (docs/timm.md).
 timm-suite: setup
 	$(PY) tools/run_timm_suite.py
 

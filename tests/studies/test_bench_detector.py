@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from res_backbone.inference import prepare_for_inference
 from studies import bench_detector
 from studies.bench_detector import _targets, build_pair, compare_detections
-from heads.detection.faster_rcnn import prepare_for_inference
 from studies.timing import count_dispatch
 
 ROOT = Path(__file__).resolve().parents[2]

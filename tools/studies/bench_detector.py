@@ -8,7 +8,7 @@ transform keeps the input as is). Contenders, timed interleaved (median over rep
 * ``torchvision``: ``FasterRCNN`` on ``resnet_fpn_backbone`` (FrozenBatchNorm, stem + res2 frozen),
   called as users call it: a list of images, its internal transform included.
 * ``ours_eager``: our model in eval/train mode on the NCHW batch.
-* ``ours`` (inference only): :func:`~heads.detection.faster_rcnn.prepare_for_inference` (BN folded,
+* ``ours`` (inference only): :func:`~res_backbone.inference.prepare_for_inference` (BN folded,
   channels-last; with ``amp``, conv and linear weights stored in the autocast dtype).
 
 Training runs one SGD step (forward with targets, sum of losses, backward, step).
@@ -34,7 +34,8 @@ from typing import Callable, List, Optional
 import torch
 
 from heads.detection.convert import load_torchvision_detector
-from heads.detection.faster_rcnn import build_detector, prepare_for_inference
+from heads.detection.faster_rcnn import build_detector
+from res_backbone.inference import prepare_for_inference
 
 from .timing import AMP_DTYPES, BenchResult, autocast, count_dispatch, time_interleaved
 
