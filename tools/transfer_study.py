@@ -44,6 +44,7 @@ from functools import partial
 from pathlib import Path
 
 from res_backbone.engine.config import opt_float
+from studies.cli import setup_logging
 from studies.transfer_study import (
     ARMS, apply_quick, arm_budgets, detection_arms, localization_arms, machine_info, markdown_report, plot_curves, pretrain,
 )
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

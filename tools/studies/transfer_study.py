@@ -1,7 +1,7 @@
 """The transfer study's arms and its report: table, curves, machine description (``tools/transfer_study.py``).
 
 Four ways to start a task head's training, compared at equal wall-clock budget
-(:func:`~.budget.train_for_budget`):
+(:func:`~res_backbone.engine.budget.train_for_budget`):
 
 ==========================  ====================================================================
 ``scratch``                 random initialisation, BatchNorm trainable
