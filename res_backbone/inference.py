@@ -217,8 +217,12 @@ def prepare_for_inference(
     Outputs equal the unprepared model's in eval mode within float rounding (about 1e-6 relative
     in float32); the input model is not modified.
 
+    A model that needs more than these generic rewrites defines ``finish_inference_copy(channels_last)``,
+    called on the copy after BatchNorm folding and the memory-format change and before the autocast
+    cast (``heads.detection.FasterRCNN`` reorders its box head's ``fc1`` and makes its input channels-last).
+
     Args:
-        model: a ResNet classifier or backbone (with or without FPN).
+        model: a ResNet classifier or backbone (with or without FPN), or a model holding them (a detector).
         channels_last: convert weights to ``torch.channels_last``; feed NHWC inputs
             (``x.contiguous(memory_format=torch.channels_last)``) for the full gain, NCHW works too.
         fold_bn: fold BatchNorm into the convs.
@@ -240,6 +244,9 @@ def prepare_for_inference(
             fuse_activations(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
+    finish = getattr(fast, "finish_inference_copy", None)
+    if callable(finish):  # a model with rewrites of its own (the detector's box head), before any cast
+        finish(channels_last=channels_last)
     cast_for_autocast(fast, autocast_dtype)
     for p in fast.parameters():
         p.requires_grad_(False)

@@ -8,7 +8,10 @@
 
 ``summary`` prints parameters and multiply-adds of every registered model for both bottleneck
 stride placements; ``report`` turns a ``backbone`` JSON into markdown tables. ``backbone`` times inference and one training step of torchvision's, timm's and
-our same-depth ResNet in one process (see :mod:`res_backbone.benchmark` for the protocol).
+our same-depth ResNet in one process, each library in NCHW and in channels-last, and splits our gain
+into memory format and BatchNorm folding (see :mod:`studies.bench_backbone` for the protocol).
+``detector`` exits 1 when float32 detections differ from torchvision's beyond the stated tolerance
+(:mod:`studies.bench_detector`).
 """
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone import benchmark, create_model, get_arch, list_models  # noqa: E402
-from res_backbone.complexity import count_macs, count_params  # noqa: E402
+from res_backbone import create_model, get_arch, list_models
+from res_backbone.complexity import count_macs, count_params
+from studies import bench_backbone
+from studies.timing import AMP_DTYPES
 
 
 def _csv(kind):
@@ -66,23 +69,13 @@ def cmd_summary(args: argparse.Namespace) -> None:
         _write_json(args.output, {"image_size": args.image_size, "models": rows})
 
 
-def _print_model(run: dict) -> None:
-    print(f"\n{run['model']}  (img/s, median)")
-    print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'img/s':>8} {'ms/call':>9} {'vs tv':>7} {'vs timm':>8}")
-    rat = {(r["mode"], r["batch_size"], r["contender"]): r for r in run["ratios"]}
-    for r in run["results"]:
-        q = rat.get((r["mode"], r["batch_size"], r["contender"]))
-        vs = f"{q['vs_torchvision']:>7.2f} {q['vs_timm']:>8.2f}" if q else f"{'':>7} {'':>8}"
-        print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<12} {r['img_per_s']:>8.2f} {r['median_ms']:>9.1f} {vs}")
-
-
 def cmd_backbone(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     train_bs = 0 if args.no_train else args.train_batch_size
-    total = len(args.models) * benchmark.count_calls(
+    total = len(args.models) * bench_backbone.count_calls(
         args.batch_sizes, bool(train_bs), args.repeats, args.warmup, args.ablation)
     from tqdm import tqdm
 
@@ -90,14 +83,14 @@ def cmd_backbone(args: argparse.Namespace) -> None:
     with tqdm(total=total, desc="bench", unit="call", disable=args.no_progress) as bar:
         for name in args.models:
             bar.set_postfix_str(name)
-            runs.append(benchmark.bench_model(
+            runs.append(bench_backbone.bench_model(
                 name, batch_sizes=args.batch_sizes, train_batch_size=train_bs, image_size=args.image_size,
                 repeats=args.repeats, warmup=args.warmup, device=args.device, amp=args.amp,
                 ablation=args.ablation,
                 progress=lambda _: bar.update(),
             ))
     for run in runs:
-        _print_model(run)
+        bench_backbone.print_run(run)
     if args.output:
         config = {k: v for k, v in vars(args).items() if k not in ("func", "output", "no_progress")}
         payload = {
@@ -110,7 +103,7 @@ def cmd_backbone(args: argparse.Namespace) -> None:
 
 
 def cmd_detector(args: argparse.Namespace) -> None:
-    from heads.detection.benchmark import bench_detector
+    from studies.bench_detector import bench_detector, equivalence_failures, print_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,34 +119,17 @@ def cmd_detector(args: argparse.Namespace) -> None:
             count_ops=args.count_ops or args.count_only, timed=not args.count_only,
         ))
     for run in runs:
-        speed = {(q["mode"], q["contender"]): q for q in run["ratios"]}
-        if run["results"]:
-            print(f"\n{run['model']}  (ms per call, median; speed-up = torchvision time / ours, of the medians and "
-                  "the median of the per-repeat ratios)")
-            print(f"{'mode':<6} {'batch':>5} {'contender':<12} {'ms/call':>9} {'speed-up':>9} {'paired':>7}")
-        else:
-            print(f"\n{run['model']}  (not timed: --count-only)")
-        for r in run["results"]:
-            q = speed.get((r["mode"], r["contender"]))
-            print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<12} {r['median_ms']:>9.1f} "
-                  + (f"{q['speedup_vs_torchvision']:>9.2f} {q['speedup_paired_median']:>7.2f}" if q else f"{'':>9}"))
-        if "dispatch" in run:
-            print(f"\n{'mode':<6} {'contender':<12} {'ops':>6} {'syncs':>6} {'ops ratio':>9}   "
-                  "(ATen operators dispatched per call and host syncs among them; ratio = torchvision's / ours)")
-            for mode, counts in run["dispatch"].items():
-                for k, c in counts.items():
-                    q = speed.get((mode, k))
-                    print(f"{mode:<6} {k:<12} {c['ops']:>6} {c['syncs']:>6} "
-                          + (f"{q['ops_ratio']:>9.2f}" if q else f"{'':>9}"))
-        for k, e in run["equivalence"].items():
-            print(f"equivalence torchvision vs {k}: same labels {e['same_labels']}, detections {e['num_detections']}, "
-                  f"max |box diff| {e['max_box_diff_px']} px, max |score diff| {e['max_score_diff']}")
+        print_run(run)
     if args.output:
         config = {k: v for k, v in vars(args).items() if k not in ("func", "output")}
         _write_json(args.output, {
             "command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
             "environment": _environment(torch.get_num_threads()), "config": config, "runs": runs,
         })
+    failures = [line for run in runs for line in equivalence_failures(run)]
+    if failures:
+        print("detections beyond the stated float32 tolerance:\n  " + "\n  ".join(failures), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -163,7 +139,23 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.json}: cannot read a bench JSON ({e})")
     if "runs" not in payload:
         raise SystemExit(f"{args.json}: no 'runs' key; expected the output of 'bench.py backbone --output'")
-    print(benchmark.markdown_report(payload), end="")
+    print(bench_backbone.markdown_report(payload), end="")
+
+
+def _timing_args(p: argparse.ArgumentParser, *, models: str, image_size: int, train_batch_size: int) -> None:
+    """The flags 'backbone' and 'detector' share (what to build, how to time it)."""
+    p.add_argument("--models", type=_csv(str), default=models.split(","),
+                   help=f"comma-separated ResNets provided by every library (default {models})")
+    p.add_argument("--image-size", type=int, default=image_size, help=f"square input side (default {image_size})")
+    p.add_argument("--train-batch-size", type=int, default=train_batch_size,
+                   help=f"batch of the timed training step (default {train_batch_size})")
+    p.add_argument("--no-train", action="store_true", help="skip the training step")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per contender and setting; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per contender and setting first (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none",
+                   help="autocast dtype for every contender, inference and training (default none = fp32)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,22 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "backbone", help="img/s of torchvision's, timm's and our ResNet, interleaved in one run",
         description="Times eval inference at each --batch-sizes and one SGD training step; contenders run "
-                    "interleaved and the median over --repeats is reported. 'ours' is "
-                    "prepare_for_inference(model) (BN folded, channels-last) on channels-last input, 'ours_eager' our model run "
-                    "like the baselines (eval, inference_mode, NCHW).",
+                    "interleaved and the median over --repeats is reported. Every library runs NCHW and "
+                    "channels-last (torchvision_cl, timm_cl, ours_cl); 'ours' is prepare_for_inference(model) (BN "
+                    "folded, channels-last), 'ours_eager' our model run like the baselines (eval, inference_mode, "
+                    "NCHW). The attribution lines split ours / ours_eager into memory format and BN folding.",
     )
-    b.add_argument("--models", type=_csv(str), default=["resnet50"],
-                   help="comma-separated ResNets provided by all three libraries (default resnet50)")
+    _timing_args(b, models="resnet50", image_size=224, train_batch_size=8)
     b.add_argument("--batch-sizes", type=_csv(int), default=[1, 8], help="inference batch sizes (default 1,8)")
-    b.add_argument("--train-batch-size", type=int, default=8, help="batch of the timed training step (default 8)")
-    b.add_argument("--no-train", action="store_true", help="skip the training step")
-    b.add_argument("--image-size", type=int, default=224, help="square input side (default 224)")
-    b.add_argument("--repeats", type=int, default=5, help="timed calls per contender and setting; the median is reported (default 5)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed calls per contender and setting first (default 1)")
-    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    b.add_argument("--amp", choices=tuple(benchmark.AMP_DTYPES), default="none",
-                   help="autocast dtype for every contender, inference and training (default none = fp32)")
-    b.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
     b.add_argument("--ablation", action="store_true",
                    help="also time ours_fold (BN folded, NCHW input) and ours_fused (ours + ReLU/residual "
                         "add fused into the convs, prepare_for_inference(fuse=True)): what each step buys")
@@ -208,21 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Times inference and one SGD training step of torchvision's FasterRCNN (resnet_fpn_backbone, "
                     "frozen BN, min_size=max_size=--image-size, its transform included) and ours with the same "
                     "weights (converted); 'ours' is heads.detection.prepare_for_inference (BN folded, channels-last), "
-                    "'ours_eager' our model as is. Also reports how far the detections differ.",
+                    "'ours_eager' our model as is. In float32 it checks the detections against torchvision's and "
+                    "exits 1 beyond the stated tolerance; under --amp it reports each contender's difference from "
+                    "its own float32 result.",
     )
-    d.add_argument("--models", type=_csv(str), default=["resnet18", "resnet50"],
-                   help="comma-separated ResNet depths (default resnet18,resnet50)")
-    d.add_argument("--image-size", type=int, default=512, help="square input side (default 512)")
+    _timing_args(d, models="resnet18,resnet50", image_size=512, train_batch_size=2)
     d.add_argument("--batch-size", type=int, default=1, help="inference batch (default 1)")
-    d.add_argument("--train-batch-size", type=int, default=2, help="batch of the timed training step (default 2)")
-    d.add_argument("--no-train", action="store_true", help="skip the training step")
     d.add_argument("--num-classes", type=int, default=80, help="foreground classes (default 80)")
-    d.add_argument("--repeats", type=int, default=5, help="timed calls per contender; the median is reported (default 5)")
-    d.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (default 1)")
-    d.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    d.add_argument("--amp", choices=tuple(benchmark.AMP_DTYPES), default="none",
-                   help="autocast dtype for every contender (default none = fp32)")
-    d.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
     d.add_argument("--roi-align", choices=("auto", "bag", "torchvision"), default="auto",
                    help="our RoIAlign: 'bag' (fused embedding-bag gather, heads/detection/roi_align.py), "
                         "'torchvision' (torchvision.ops.roi_align per level), 'auto' = bag on CPU, torchvision's "

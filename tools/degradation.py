@@ -28,9 +28,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone.engine.config import opt_int  # noqa: E402
+from res_backbone.engine.config import opt_int
 
 log = logging.getLogger("degradation")
 
@@ -43,7 +41,6 @@ def _int_list(text: str) -> List[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one depth")
     return values
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,24 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def degradation_summary(nets: Sequence[dict]) -> dict:
-    """Per family (plain, resnet): final errors by depth and the deepest-minus-shallowest differences
-    (positive training difference = the deeper net trains worse: degradation)."""
-    out = {}
-    for family, residual in (("plain", False), ("resnet", True)):
-        rows = sorted((n for n in nets if n["residual"] == residual), key=lambda n: n["depth"])
-        if not rows:
-            continue
-        entry = {"final_train_error": {str(n["depth"]): n["final_train_error"] for n in rows},
-                 "final_test_error": {str(n["depth"]): n["final_test_error"] for n in rows}}
-        if len(rows) > 1:
-            entry["deeper_minus_shallower_train_error"] = rows[-1]["final_train_error"] - rows[0]["final_train_error"]
-            if rows[0]["final_test_error"] is not None and rows[-1]["final_test_error"] is not None:
-                entry["deeper_minus_shallower_test_error"] = rows[-1]["final_test_error"] - rows[0]["final_test_error"]
-        out[family] = entry
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
@@ -100,9 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm import tqdm
 
     from res_backbone import __version__
-    from res_backbone.analysis import (
+    from studies.analysis import (
         build_twin, load_fashion_mnist_normalized, plot_degradation, resolve_device, train_recording_errors,
-        twin_name,
+        degradation_summary, twin_name,
     )
     from res_backbone.complexity import count_params
     from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError

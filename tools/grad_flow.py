@@ -25,12 +25,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone.engine.config import opt_int  # noqa: E402
+from res_backbone.engine.config import opt_int
 
 log = logging.getLogger("grad_flow")
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm import tqdm
 
     from res_backbone import __version__
-    from res_backbone.analysis import (
+    from studies.analysis import (
         build_twin, first_last_ratio, layer_grad_norms, load_fashion_mnist_normalized, plot_grad_flow,
         resolve_device, train_recording_errors, twin_name,
     )

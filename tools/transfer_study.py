@@ -43,16 +43,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone.engine.config import opt_float  # noqa: E402
+from res_backbone.engine.config import opt_float
+from studies.transfer_study import (
+    ARMS, apply_quick, arm_budgets, detection_arms, localization_arms, machine_info, markdown_report, plot_curves, pretrain,
+)
 
 log = logging.getLogger("transfer_study")
-
-EVAL_ALLOWANCE = 0.15  # share of the time left after step 1 kept for rendering, model building and evaluation (~10% measured)
-DET_MODEL = dict(fpn_channels=64, representation_size=256, anchor_sizes=((16,), (32,), (64,), (128,), (256,)),
-                 rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
-                 rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=128, box_batch_size_per_image=128)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,170 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_quick(args: argparse.Namespace) -> None:
-    """--quick: sizes that run the whole pipeline in well under a minute (for tests)."""
-    args.pretrain_iters, args.num_evals = 4, 2
-    args.det_train, args.det_val, args.det_canvas, args.det_scale, args.det_batch = 8, 4, 64, [20.0, 30.0], 2
-    args.loc_train, args.loc_val, args.loc_canvas, args.loc_batch = 16, 8, 32, 8
-    args.det_lr = min(args.det_lr, 0.01)  # 4 pre-training steps leave BN statistics that 0.02 can blow up on 8 canvases
-    args.det_minutes = args.det_minutes or 0.04
-    args.loc_minutes = args.loc_minutes or 0.02
-
-
-def pretrain(args, work: Path) -> dict:
-    """Step 1: the grey resnet18 classifier (or the given checkpoint's record)."""
-    from res_backbone.engine import cls_run
-
-    if args.cls_checkpoint:
-        import torch
-
-        ck = torch.load(args.cls_checkpoint, map_location="cpu", weights_only=True)
-        return {"checkpoint": str(args.cls_checkpoint), "arch": ck.get("model_name"), "iters": ck.get("iter"),
-                "top1_err": (ck.get("metrics") or {}).get("top1_err"), "reused": True}
-    cfg = cls_run.ClsTrainConfig(
-        output=str(work / "pretrain"), backbone="resnet18", data_dir=args.fmnist_root, max_iters=args.pretrain_iters,
-        batch_size=64 if not args.quick else 8, lr=0.05, schedule="cosine", warmup_iters=min(30, args.pretrain_iters),
-        augment="flip", invert=args.pretrain_invert, amp=args.amp, channels_last=True, limit_val=2000, seed=args.seed,
-        progress=False, checkpoint_every=10**6)
-    m = cls_run.run(cfg)
-    return {"checkpoint": str(work / "pretrain" / "checkpoint_best.pt"), "arch": "resnet18", "iters": m.get("iter"),
-            "top1_err": m.get("top1_err"), "train_time_s": m.get("train_time_s"), "invert": args.pretrain_invert,
-            "reused": False}
-
-
-def run_arms(args, budget_s: float, batch_size: int, lr: float, warmup_iters: int, setup, task: str) -> list:
-    """Train every arm of ``transfer_study.ARMS`` for ``budget_s`` seconds; ``setup(arm, policy, norm, norm_eval)``
-    returns ``(model, runner, data, optimizer, evaluate, transfer_info)`` for one arm."""
-    import torch
-
-    from res_backbone import transfer
-    from res_backbone.engine.budget import train_for_budget
-    from res_backbone.engine.run_common import seed_everything
-    from res_backbone.engine.transfer_study import ARMS, final_point
-
-    arms, hint = [], None
-    for arm in (a for a in ARMS if not args.arms or a.name in args.arms):
-        seed_everything(args.seed)  # every arm starts from the same RNG state (heads, data order)
-        policy, norm, norm_eval = transfer.resolve_bn_policy(arm.bn_policy, None, pretrained=arm.pretrained,
-                                                             batch_size=batch_size)
-        model, runner, data, optimizer, evaluate, info = setup(arm, policy, norm, norm_eval)
-        log.info("%s arm %s (%s): %.2f min of training", task, arm.name, arm.label, budget_s / 60)
-        res = train_for_budget(runner, data.train_loader, data.train_sampler, optimizer, device=torch.device("cpu"),
-                               budget_s=budget_s, lr=lr, evaluate=partial(evaluate, arm.name), num_evals=args.num_evals,
-                               warmup_iters=warmup_iters, freeze=transfer.BackboneFreeze(model.backbone, 0),
-                               freeze_fraction=arm.freeze_fraction, unfrozen_s_per_iter=hint, amp=args.amp,
-                               channels_last=True, clock=time.process_time if args.clock == "cpu" else time.perf_counter)
-        if arm.name == "pretrained_finetune_all":  # the unfrozen speed, for planning the freeze arm
-            hint = res["s_per_iter"]
-        arms.append({"name": arm.name, "label": arm.label, "transfer": info, **res, "final": final_point(res["curve"])})
-    return arms
-
-
-def detection_arms(args, ckpt: str, budget_s: float) -> dict:
-    """Step 2: the four arms on the composed detection set."""
-    import torch
-
-    from heads import build_detector
-    from res_backbone import transfer
-    from res_backbone.data.detection_fmnist import write_fmnist_detection
-    from res_backbone.engine import det_run
-    from res_backbone.engine.distributed import DistInfo
-    from res_backbone.engine.optim import build_optimizer
-
-    t0 = time.perf_counter()
-    lo, hi = args.det_scale
-    root = Path(args.data_dir) / (f"det_c{args.det_canvas}_s{lo:g}-{hi:g}_d{args.det_dark_prob:g}_n{args.det_train}-"
-                                  f"{args.det_val}_seed{args.seed}")
-    paths = write_fmnist_detection(root, root=args.fmnist_root, num_train=args.det_train, num_val=args.det_val,
-                                   canvas=args.det_canvas, scale=(lo, hi), dark_prob=args.det_dark_prob, seed=args.seed)
-    render_s = time.perf_counter() - t0
-    cfg = det_run.DetTrainConfig(
-        output=str(Path(args.work_dir) / "det"), backbone="resnet18", image_size=args.det_canvas,
-        batch_size=args.det_batch, lr=args.det_lr, schedule="cosine", warmup_iters=50 if not args.quick else 0,
-        amp=args.amp, channels_last=True, workers=0, seed=args.seed, progress=False, **paths)
-    dist = DistInfo()
-
-    def setup(arm, policy, norm, norm_eval):
-        train_set, val_set = det_run.load_datasets(cfg, dist)
-        model = build_detector("resnet18", num_classes=len(train_set.cat_ids), pretrained=ckpt if arm.pretrained else False,
-                               frozen_stages=0, norm=norm, **DET_MODEL)
-        info = transfer.configure_backbone(model.backbone, bn_policy=policy, norm_eval=norm_eval)
-        data = det_run.prepare_data(cfg, dist, train_set, val_set, info["mean"], info["std"])
-        model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, name="sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-        def evaluate(name: str, it: int) -> dict:
-            m = det_run.evaluate(model, data, cfg, torch.device("cpu"), None, is_main=True, write=False, progress=False)
-            log.info("det %s: iteration %d AP %.3f AP50 %.3f", name, it, m["AP"], m["AP50"])
-            return {"AP": m["AP"], "AP50": m["AP50"]}
-
-        return model, model, data, optimizer, evaluate, info
-
-    arms = run_arms(args, budget_s, args.det_batch, cfg.lr, cfg.warmup_iters, setup, "detection")
-    return {"budget_s": budget_s, "render_s": round(render_s, 1), "data": paths, "train_images": args.det_train,
-            "val_images": args.det_val, "canvas": args.det_canvas, "batch_size": args.det_batch, "lr": args.det_lr,
-            "model": {"backbone": "resnet18", "arch": "fpn", **DET_MODEL}, "arms": arms}
-
-
-def localization_arms(args, ckpt: str, budget_s: float) -> dict:
-    """Step 3: the four arms on the built-in single-object localization set."""
-    import torch
-
-    from heads.localization import build_localizer, localization_loss
-    from res_backbone import transfer
-    from res_backbone.engine import loc_run
-    from res_backbone.engine.localization import LossAdapter
-    from res_backbone.engine.localization import evaluate as loc_evaluate
-    from res_backbone.engine.optim import build_optimizer
-
-    t0 = time.perf_counter()
-    cfg = loc_run.LocTrainConfig(
-        output=str(Path(args.work_dir) / "loc"), data_dir=str(Path(args.data_dir) / "loc"), fmnist_root=args.fmnist_root,
-        fmnist_train=args.loc_train, fmnist_val=args.loc_val, canvas=args.loc_canvas,
-        item_scale=(28.0, 56.0) if args.loc_canvas >= 56 else (16.0, float(args.loc_canvas) * 0.8),
-        batch_size=args.loc_batch, lr=args.loc_lr, warmup_iters=50 if not args.quick else 0, amp=args.amp,
-        channels_last=True, seed=args.seed, progress=False)
-    train_set, val_set = loc_run.load_datasets(cfg)
-    render_s = time.perf_counter() - t0
-    loss_fn = partial(localization_loss, cls_weight=cfg.cls_weight, l1_weight=cfg.l1_weight, giou_weight=cfg.giou_weight)
-
-    def setup(arm, policy, norm, norm_eval):
-        model = build_localizer("resnet18", train_set.num_classes, "scr", pretrained=ckpt if arm.pretrained else None,
-                                input_size=cfg.image_size, norm=norm)
-        info = transfer.configure_backbone(model.backbone, bn_policy=policy, norm_eval=norm_eval)
-        data = loc_run.prepare_data(cfg, train_set, val_set, info["mean"], info["std"])
-        model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, name="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-        def evaluate(name: str, it: int) -> dict:
-            m = loc_evaluate(model, data.val_loader, data.val_set, device=torch.device("cpu"), amp=args.amp,
-                             channels_last=True, progress=False)
-            log.info("loc %s: iteration %d top-1 loc err %.2f%%", name, it, m["top1_loc_err"])
-            return {k: m[k] for k in ("top1_loc_err", "top1_cls_err", "mean_iou", "gt_known_loc_err")}
-
-        return model, LossAdapter(model, loss_fn), data, optimizer, evaluate, info
-
-    arms = run_arms(args, budget_s, args.loc_batch, cfg.lr, cfg.warmup_iters, setup, "localization")
-    return {"budget_s": budget_s, "render_s": round(render_s, 1), "train_images": args.loc_train,
-            "val_images": args.loc_val, "canvas": args.loc_canvas, "batch_size": args.loc_batch, "lr": args.loc_lr,
-            "arms": arms}
-
-
-def arm_budgets(args, spent_s: float, tasks) -> dict:
-    """Training seconds per arm of each task: explicit minutes, or the rest of --budget-minutes split."""
-    left = max(0.0, args.budget_minutes * 60 - spent_s) * (1 - EVAL_ALLOWANCE)
-    shares = {"det": args.det_share if "loc" in tasks else 1.0, "loc": 1 - args.det_share if "det" in tasks else 1.0}
-    explicit = {"det": args.det_minutes, "loc": args.loc_minutes}
-    n_arms = len(args.arms) if args.arms else 4
-    out = {}
-    for t in tasks:
-        out[t] = explicit[t] * 60 if explicit[t] else left * shares[t] / n_arms
-        if not explicit[t] and out[t] < 10:
-            raise ValueError(f"--budget-minutes {args.budget_minutes:g} leaves {out[t]:.0f} s per {t} arm after "
-                             f"{spent_s / 60:.1f} min of pre-training and set-up; raise it or set --{t}-minutes")
-    return out
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
@@ -280,8 +112,6 @@ def main(argv=None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks or set(tasks) - {"det", "loc"}:
         parser.error(f"--tasks takes det and/or loc, got {args.tasks!r}")
-    from res_backbone.engine.transfer_study import ARMS
-
     names = [a.name for a in ARMS]
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     if args.arms is not None and (not args.arms or set(args.arms) - set(names)):
@@ -294,7 +124,6 @@ def main(argv=None) -> int:
 
     from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
     from res_backbone.engine.checkpoint import atomic_write_text
-    from res_backbone.engine.transfer_study import machine_info, markdown_report, plot_curves
 
     torch.set_num_threads(args.threads)
     out, work = Path(args.output), Path(args.work_dir)

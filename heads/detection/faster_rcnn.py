@@ -9,7 +9,6 @@ The model takes a batch that the data pipeline already resized, normalised and p
 """
 from __future__ import annotations
 
-import copy
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from res_backbone import create_backbone
-from res_backbone.inference import cast_for_autocast, fold_batchnorm
+from res_backbone.inference import prepare_for_inference
 
 from .roi_heads import MultiLevelRoIAlign, Res5Head, RoIHeads, TwoFCHead
 from .rpn import RegionProposalNetwork
@@ -39,13 +38,30 @@ class FasterRCNN(nn.Module):
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads):
         super().__init__()
         self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
-        self.input_memory_format: Optional[torch.memory_format] = None  # set by prepare_for_inference
+        self.input_memory_format: Optional[torch.memory_format] = None  # set by finish_inference_copy
         self._sizes_cache: Dict[Tuple, torch.Tensor] = {}
 
     def inference_copy(self, autocast_dtype: Optional[torch.dtype] = None) -> "FasterRCNN":
-        """:func:`prepare_for_inference` of this model (what the training and evaluation tools predict
-        with; ``autocast_dtype`` when they predict under autocast)."""
+        """:func:`res_backbone.prepare_for_inference` of this model (what the training and evaluation tools
+        predict with; ``autocast_dtype`` when they predict under autocast).
+
+        An eval-mode copy with BatchNorm folded into the convs, channels-last weights and input, and the
+        FPN box head's ``fc1`` reading the pooled features in their channels-last order. Detections equal
+        the unprepared model's in eval mode within float rounding. Run it under ``torch.inference_mode()``;
+        the model itself is not modified. With ``autocast_dtype`` (``torch.bfloat16``/``torch.float16``)
+        conv and linear weights are stored in that dtype: the copy then runs only under
+        ``torch.autocast(dtype=autocast_dtype)``, with the same results and no per-call weight casts.
+        """
         return prepare_for_inference(self, autocast_dtype=autocast_dtype)
+
+    def finish_inference_copy(self, channels_last: bool = True) -> None:
+        """The detector's part of :func:`res_backbone.prepare_for_inference`, run on the copy it makes
+        (never on a model that trains: the box head's state dict changes)."""
+        box_head = getattr(self.roi_heads, "box_head", None)
+        if isinstance(box_head, TwoFCHead):
+            box_head.use_hwc_input()  # the pooled features flatten as a view (RoIAlign output is channels-last)
+        if channels_last:
+            self.input_memory_format = torch.channels_last
 
     @property
     def num_classes(self) -> int:
@@ -185,30 +201,3 @@ def build_detector(
                                frozen_stages=5 if frozen_stages >= 5 else 0)
         head = Res5Head(full.layer4)
     return FasterRCNN(body, rpn, RoIHeads(pooler, head, num_classes, **roi_kw))
-
-
-def prepare_for_inference(
-    model: FasterRCNN, channels_last: bool = True, fold_bn: bool = True, autocast_dtype: Optional[torch.dtype] = None,
-) -> FasterRCNN:
-    """An eval-mode copy with BatchNorm folded into the convs, channels-last weights and input, and
-    the FPN box head's ``fc1`` reading the pooled features in their channels-last order.
-
-    Detections equal the unprepared model's in eval mode within float rounding. Run it under
-    ``torch.inference_mode()``; the input model is not modified. With ``autocast_dtype``
-    (``torch.bfloat16``/``torch.float16``) conv and linear weights are stored in that dtype
-    (:func:`res_backbone.inference.cast_for_autocast`): the copy then runs only under
-    ``torch.autocast(dtype=autocast_dtype)``, with the same results and no per-call weight casts.
-    """
-    fast = copy.deepcopy(model).eval()
-    if fold_bn:
-        fold_batchnorm(fast)
-    box_head = getattr(fast.roi_heads, "box_head", None)
-    if isinstance(box_head, TwoFCHead):
-        box_head.use_hwc_input()  # the pooled features flatten as a view (RoIAlign output is channels-last)
-    if channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
-        fast.input_memory_format = torch.channels_last
-    cast_for_autocast(fast, autocast_dtype)
-    for p in fast.parameters():
-        p.requires_grad_(False)
-    return fast.eval()

@@ -132,7 +132,7 @@ class TwoFCHead(nn.Module):
 
     ``fc1`` reads the pooled ``(C, S, S)`` features in torchvision's ``C, y, x`` order, which costs a
     transposing copy of the channels-last RoIAlign output. :meth:`use_hwc_input` (called by
-    :func:`~heads.detection.faster_rcnn.prepare_for_inference`) permutes ``fc1``'s columns once to
+    :func:`res_backbone.prepare_for_inference` of a detector) permutes ``fc1``'s columns once to
     ``y, x, C`` so the pooled features flatten as a view.
     """
 

@@ -2,7 +2,8 @@
 from .classification import (
     ClassificationDataError, ClsDatasets, ImageFolderClassification, TensorClassification, build_cls_datasets,
 )
-from .coco import CocoDetection, CocoFormatError, ImageDecodeError, ImageTooLargeError, load_rgb_image, safe_join
+from .coco import CocoDetection, CocoFormatError
+from .images import ImageDecodeError, ImageTooLargeError, load_rgb_image, safe_join
 from .collate import collate_detection, pad_images
 from .localization import CocoLocalization, build_loc_eval_transforms, build_loc_train_transforms, collate_localization
 from .samplers import GroupedBatchSampler, build_grouped_batch_sampler, group_by_aspect_ratio

@@ -32,7 +32,7 @@ from .cls_transforms import (  # noqa: F401  (re-exported: one import place for 
     AUGMENTATIONS, Compose, Normalize, RandomHorizontalFlip, RandomPadCrop, RandomResizedCrop, ResizeCenterCrop,
     build_cls_transforms,
 )
-from .coco import load_rgb_image
+from .images import load_rgb_image
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 PathLike = Union[str, os.PathLike]
@@ -131,9 +131,9 @@ class ImageFolderClassification(Dataset):
         ClassificationDataError: no class folders, an empty class folder (no file with one of
             :data:`IMG_EXTENSIONS`), or classes that differ from ``classes``.
 
-    ``__getitem__`` raises :class:`~res_backbone.data.coco.ImageDecodeError` naming the file of an
+    ``__getitem__`` raises :class:`~res_backbone.data.images.ImageDecodeError` naming the file of an
     image that cannot be read or decoded (truncated, not an image, a format outside
-    ``coco.IMAGE_FORMATS``), its subclass ``ImageTooLargeError`` for one over ``coco.MAX_IMAGE_PIXELS``
+    ``images.IMAGE_FORMATS``), its subclass ``ImageTooLargeError`` for one over ``images.MAX_IMAGE_PIXELS``
     (refused from the header, nothing decoded), or ``FileNotFoundError`` for a file gone since the
     scan. Sub-folders and files that are symbolic links are followed, as torchvision's ImageFolder does.
     """

@@ -15,7 +15,7 @@ Every canvas draws from its own ``SeedSequence([seed, split, index])``: same arg
 byte-identical images, and image ``i`` does not depend on ``num_images``.
 
     paths = write_fmnist_detection("data/fmnist_det", num_train=2000, num_val=150)
-    python -m res_backbone.data.detection_fmnist --out data/fmnist_det
+    python tools/make_data.py fmnist-det --out data/fmnist_det
 
 Layout (what ``tools/train_det.py --train-json ... --train-images ...`` reads):
 ``out/{train,val}/NNNNNN.png`` and ``out/annotations/instances_{train,val}.json``, category ids 1..10
@@ -23,21 +23,17 @@ in Fashion-MNIST's label order, each image recording the ``fmnist_indices`` of i
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
+from .coco_writer import coco_layout_paths, render_once, write_coco_split
 from .fashion_mnist import load_fashion_mnist
-from .localization_fmnist import (
-    item_colour, paste_item, print_paths, render_background, render_once, sample_item_alpha, write_fashion_coco,
-)
+from .localization_fmnist import FASHION_CATEGORIES, item_colour, paste_item, render_background, sample_item_alpha
 from .synthetic import _overlap
 
 log = logging.getLogger(__name__)
@@ -137,31 +133,15 @@ def iter_fmnist_detection(
         yield image, boxes, [int(src_labels[j]) for j in picked], picked
 
 
-def fmnist_detection_paths(out_dir: PathLike) -> Dict[str, str]:
-    """Where :func:`write_fmnist_detection` puts its files (nothing is generated or checked)."""
-    out = Path(out_dir)
-    return {"train_json": str(out / "annotations" / "instances_train.json"), "train_images": str(out / "train"),
-            "val_json": str(out / "annotations" / "instances_val.json"), "val_images": str(out / "val")}
+fmnist_detection_paths = coco_layout_paths  # where write_fmnist_detection puts its files
 
 
 def _write_split(out: Path, split: str, items: Tuple[np.ndarray, np.ndarray], num_images: int, render: dict) -> None:
-    folder = out / split
-    folder.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i, (image, boxes, labels, picked) in enumerate(
-            iter_fmnist_detection(split, items, num_images=num_images, **render)):
-        image_id = i + 1
-        name = f"{image_id:06d}.png"
-        Image.fromarray(image).save(folder / name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": name, "height": image.shape[0], "width": image.shape[1],
-                       "fmnist_indices": picked})
-        for (x0, y0, x1, y1), label in zip(boxes, labels):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0)),
-                                "iscrowd": 0})
-    write_fashion_coco(out / "annotations" / f"instances_{split}.json", images, annotations,
-                       {"description": f"res_backbone Fashion-MNIST detection (test-split items), {split}",
-                        "version": str(_FORMAT_VERSION), "seed": render["seed"]})
+    samples = ((image, boxes, [label + 1 for label in labels], {"fmnist_indices": picked}) for image, boxes, labels, picked
+               in iter_fmnist_detection(split, items, num_images=num_images, **render))
+    write_coco_split(out, split, samples, FASHION_CATEGORIES,
+                     {"description": f"res_backbone Fashion-MNIST detection (test-split items), {split}",
+                      "version": str(_FORMAT_VERSION), "seed": render["seed"]})
 
 
 def write_fmnist_detection(
@@ -202,29 +182,3 @@ def write_fmnist_detection(
         log.info("Fashion-MNIST detection: %d train + %d val canvases of %d px in %s (%.1fs)", num_train, num_val,
                  canvas, out, time.perf_counter() - t0)
     return paths
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m res_backbone.data.detection_fmnist",
-                                description="Render the Fashion-MNIST multi-object detection set in COCO format.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--root", help="Fashion-MNIST folder (default: $RB_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--num-train", type=int, default=2000, help="training canvases (default 2000)")
-    p.add_argument("--num-val", type=int, default=200, help="validation canvases (default 200)")
-    p.add_argument("--canvas", type=int, default=128, help="canvas side in px (default 128)")
-    p.add_argument("--scale", type=float, nargs=2, default=[24.0, 56.0], metavar=("MIN", "MAX"),
-                   help="side of an item's 28 px frame after scaling, px (default 24 56)")
-    p.add_argument("--max-items", type=int, default=4, help="items per canvas: 1..this (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    paths = write_fmnist_detection(args.out, root=args.root, num_train=args.num_train, num_val=args.num_val,
-                                   canvas=args.canvas, scale=args.scale, max_items=args.max_items, seed=args.seed,
-                                   reuse=not args.force)
-    print_paths(paths, time.perf_counter() - t0)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ the tight extent of the pixels it changed - not the 28x28 square it came in.
 
     arrays = make_fmnist_localization("val", num_images=500)     # in memory, uint8
     paths = write_fmnist_localization("data/fmnist_loc")         # COCO layout (PNG + json)
-    python -m res_backbone.data.localization_fmnist --out data/fmnist_loc
+    python tools/make_data.py fmnist-loc --out data/fmnist_loc
 
 The COCO layout is what ``tools/train_loc.py`` reads (the same code path as real COCO data):
 ``out/{train,val}/NNNNNN.png`` and ``out/annotations/instances_{train,val}.json`` with category ids
@@ -22,28 +22,26 @@ The COCO layout is what ``tools/train_loc.py`` reads (the same code path as real
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
+from .coco_writer import coco_layout_paths, render_once, write_coco_split
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from .synthetic import _background, _colour, _write_json_atomic
+from .synthetic import _background, _colour
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalizationArrays", "fmnist_localization_paths", "item_colour", "iter_fmnist_localization",
-           "make_fmnist_localization", "paste_item", "print_paths", "render_background", "render_localization_image",
-           "render_once", "sample_item_alpha", "write_fashion_coco", "write_fmnist_localization"]
+__all__ = ["FASHION_CATEGORIES", "LocalizationArrays", "fmnist_localization_paths", "item_colour",
+           "iter_fmnist_localization", "make_fmnist_localization", "paste_item", "render_background",
+           "render_localization_image", "sample_item_alpha", "write_fmnist_localization"]
 
 PathLike = Union[str, os.PathLike]
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
@@ -221,37 +219,17 @@ def make_fmnist_localization(
     return LocalizationArrays(images, boxes, labels, item_indices)
 
 
-def fmnist_localization_paths(out_dir: PathLike) -> Dict[str, str]:
-    """Where :func:`write_fmnist_localization` puts its files (nothing is generated or checked)."""
-    out = Path(out_dir)
-    return {"train_json": str(out / "annotations" / "instances_train.json"), "train_images": str(out / "train"),
-            "val_json": str(out / "annotations" / "instances_val.json"), "val_images": str(out / "val")}
+fmnist_localization_paths = coco_layout_paths  # where write_fmnist_localization puts its files
+#: the 10 Fashion-MNIST categories, ids 1..10 in label order
+FASHION_CATEGORIES = [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(FASHION_MNIST_CLASSES)]
 
 
 def _write_split(out: Path, split: str, items: Tuple[np.ndarray, np.ndarray], num_images: int, **render) -> None:
-    folder = out / split
-    folder.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i, (image, (x0, y0, x1, y1), label, idx) in enumerate(
-            iter_fmnist_localization(split, num_images=num_images, items=items, **render)):
-        image_id = i + 1
-        name = f"{image_id:06d}.png"
-        Image.fromarray(image).save(folder / name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": name, "height": image.shape[0], "width": image.shape[1],
-                       "fmnist_index": idx})
-        annotations.append({"id": image_id, "image_id": image_id, "category_id": label + 1,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0})
-    write_fashion_coco(out / "annotations" / f"instances_{split}.json", images, annotations,
-                       {"description": f"res_backbone Fashion-MNIST localization, {split}",
-                        "version": str(_FORMAT_VERSION), "seed": render["seed"]})
-
-
-def write_fashion_coco(path: Path, images: list, annotations: list, info: dict) -> None:
-    """Write a COCO json with the 10 Fashion-MNIST categories (ids 1..10 in label order), atomically."""
-    categories = [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(FASHION_MNIST_CLASSES)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic({"info": info, "licenses": [], "images": images, "annotations": annotations,
-                        "categories": categories}, path)
+    samples = ((image, [box], [label + 1], {"fmnist_index": idx}) for image, box, label, idx in
+               iter_fmnist_localization(split, num_images=num_images, items=items, **render))
+    write_coco_split(out, split, samples, FASHION_CATEGORIES,
+                     {"description": f"res_backbone Fashion-MNIST localization, {split}",
+                      "version": str(_FORMAT_VERSION), "seed": render["seed"]})
 
 
 def write_fmnist_localization(
@@ -292,55 +270,3 @@ def write_fmnist_localization(
         log.info("Fashion-MNIST localization: %d train + %d val images of %d px in %s (%.1fs)", num_train, num_val,
                  canvas, out, time.perf_counter() - t0)
     return paths
-
-
-def render_once(meta_path: Path, meta: dict, paths: Dict[str, str], write: Callable[[], None],
-                reuse: bool = True) -> bool:
-    """Call ``write()`` unless a complete set made with ``meta`` is already there; return whether it wrote.
-
-    ``meta_path`` (next to the set) records the arguments; it is removed while writing and written last,
-    so an interrupted rendering is never mistaken for a complete one.
-    """
-    if reuse and meta_path.is_file() and all(Path(p).exists() for p in paths.values()):
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                return False
-        except (OSError, ValueError):
-            pass
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
-    if meta_path.exists():
-        meta_path.unlink()  # incomplete while (re)generating
-    write()
-    _write_json_atomic(meta, meta_path)
-    return True
-
-
-def print_paths(paths: Dict[str, str], seconds: float) -> None:
-    """What the ``python -m`` entry points print when done."""
-    print(f"done in {seconds:.1f}s")
-    for k, v in paths.items():
-        print(f"  {k:12s} {v}")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m res_backbone.data.localization_fmnist",
-                                description="Render the Fashion-MNIST localization set in COCO format.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--root", help="Fashion-MNIST folder (default: $RB_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--num-train", type=int, default=30000, help="training images (default 30000)")
-    p.add_argument("--num-val", type=int, default=2000, help="validation images (default 2000)")
-    p.add_argument("--canvas", type=int, default=64, help="canvas side in px (default 64)")
-    p.add_argument("--scale", type=float, nargs=2, default=[28.0, 56.0], metavar=("MIN", "MAX"),
-                   help="side of the item's 28 px frame after scaling, px (default 28 56)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    paths = write_fmnist_localization(args.out, root=args.root, num_train=args.num_train, num_val=args.num_val,
-                                      canvas=args.canvas, scale=args.scale, seed=args.seed, reuse=not args.force)
-    print_paths(paths, time.perf_counter() - t0)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

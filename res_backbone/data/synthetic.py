@@ -9,24 +9,21 @@ ids are deliberately non-contiguous (3, 7, 11, ...) so the label <-> id mapping 
 Every image draws from its own ``SeedSequence([seed, split, index])``, so the output is
 byte-identical for the same arguments (and ``num_train`` does not change the val split).
 
-    python -m res_backbone.data.synthetic --out data/shapes
+    python tools/make_data.py shapes --out data/shapes
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..io import atomic_write_json
+from .coco_writer import coco_layout_paths, render_once, write_coco_split
 
 log = logging.getLogger(__name__)
 
@@ -209,38 +206,20 @@ def render_image(
 
 
 # ----------------------------------------------------------------------------------------- splits
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    atomic_write_json(obj, path, separators=(",", ":"))
+def _make_split(out_dir: Path, split: str, num: int, image_size: int, num_classes: int, seed: int) -> None:
+    def samples():
+        for i in range(num):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], i]))
+            arr, objects = render_image(rng, image_size, num_classes)
+            yield (arr, [(x, y, x + w, y + h) for _, (x, y, w, h) in objects],
+                   [category_id(shape_idx) for shape_idx, _ in objects], {})
 
-
-def _make_split(out_dir: Path, split: str, num: int, image_size: int, num_classes: int, seed: int) -> Tuple[Path, Path]:
-    img_dir = out_dir / split
-    img_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i in range(num):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], i]))
-        arr, objects = render_image(rng, image_size, num_classes)
-        image_id = i + 1
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(arr).save(img_dir / file_name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "height": int(arr.shape[0]), "width": int(arr.shape[1])})
-        for shape_idx, (x, y, w, h) in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id(shape_idx),
-                                "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": 0})
     categories = [{"id": category_id(k), "name": SHAPES[k], "supercategory": "shape"} for k in range(num_classes)]
-    data = {"info": {"description": "res_backbone synthetic shapes", "version": str(_FORMAT_VERSION), "seed": seed},
-            "licenses": [], "images": images, "annotations": annotations, "categories": categories}
-    json_path = out_dir / "annotations" / f"instances_{split}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(data, json_path)
-    return json_path, img_dir
+    write_coco_split(out_dir, split, samples(), categories,
+                     {"description": "res_backbone synthetic shapes", "version": str(_FORMAT_VERSION), "seed": seed})
 
 
-def synthetic_paths(out_dir: os.PathLike | str) -> Dict[str, str]:
-    """Where ``make_synthetic_coco(out_dir)`` puts its files (nothing is generated or checked)."""
-    out = Path(out_dir)
-    return {"train_json": str(out / "annotations" / "instances_train.json"), "train_images": str(out / "train"),
-            "val_json": str(out / "annotations" / "instances_val.json"), "val_images": str(out / "val")}
+synthetic_paths = coco_layout_paths  # where make_synthetic_coco(out_dir) puts its files
 
 
 def make_synthetic_coco(
@@ -277,50 +256,19 @@ def make_synthetic_coco(
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     out = Path(out_dir)
-    paths = {k: Path(v) for k, v in synthetic_paths(out).items()}
+    paths = synthetic_paths(out)
     meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size,
             "num_classes": num_classes, "seed": seed}
-    meta_path = out / "synthetic_meta.json"
-    if reuse and meta_path.is_file() and all(p.exists() for p in paths.values()):
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                return {k: str(v) for k, v in paths.items()}
-        except (OSError, ValueError):
-            pass
-    out.mkdir(parents=True, exist_ok=True)
-    if meta_path.exists():
-        meta_path.unlink()  # mark incomplete while (re)generating
     t0 = time.perf_counter()
-    _make_split(out, "train", num_train, image_size, num_classes, seed)
-    _make_split(out, "val", num_val, image_size, num_classes, seed)
-    _write_json_atomic(meta, meta_path)
-    log.info("synthetic shapes: %d train + %d val images in %s (%.1fs)", num_train, num_val, out,
-             time.perf_counter() - t0)
-    return {k: str(v) for k, v in paths.items()}
+
+    def write() -> None:
+        _make_split(out, "train", num_train, image_size, num_classes, seed)
+        _make_split(out, "val", num_val, image_size, num_classes, seed)
+
+    if render_once(out / "synthetic_meta.json", meta, paths, write, reuse):
+        log.info("synthetic shapes: %d train + %d val images in %s (%.1fs)", num_train, num_val, out,
+                 time.perf_counter() - t0)
+    return paths
 
 
 make_synthetic_coco.paths = synthetic_paths  # type: ignore[attr-defined]  # discoverable from the function
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m res_backbone.data.synthetic",
-                                description="Generate the synthetic-shapes COCO detection dataset.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num-train", type=int, default=1000, help="training images (default 1000)")
-    p.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
-    p.add_argument("--image-size", type=int, default=160, help="nominal image side in px (default 160)")
-    p.add_argument("--num-classes", type=int, default=5, help=f"shape classes, 1..{len(SHAPES)} (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    paths = make_synthetic_coco(args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
-                                num_classes=args.num_classes, seed=args.seed, reuse=not args.force)
-    print(f"done in {time.perf_counter() - t0:.1f}s")
-    for k, v in paths.items():
-        print(f"  {k:12s} {v}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt_mod
 from .detection import NonFiniteLossError, predict, train_one_epoch
 from .distributed import DistInfo, barrier
 from .logger import RunLogger
-from ..benchmark import AMP_DTYPES
+from .step import AMP_DTYPES
 from .memory import peak_rss_report
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_common import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)

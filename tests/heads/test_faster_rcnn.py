@@ -4,7 +4,8 @@ import torch
 
 import res_backbone as rb
 from heads import build_detector
-from heads.detection import LOSS_KEYS, prepare_for_inference
+from heads.detection import LOSS_KEYS
+from res_backbone.inference import prepare_for_inference
 
 SMALL = dict(  # shrink the torchvision-sized defaults for tiny CPU tests
     fpn_channels=32, representation_size=64, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,

@@ -99,7 +99,7 @@ def test_two_fc_head_hwc_input_same_output():
 
 def test_inference_copy_for_autocast_gives_bitwise_the_same_detections():
     from heads import build_detector
-    from heads.detection import prepare_for_inference
+    from res_backbone.inference import prepare_for_inference
 
     torch.manual_seed(0)
     model = build_detector("resnet18", num_classes=3, fpn_channels=32, representation_size=64,

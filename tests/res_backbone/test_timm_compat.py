@@ -1,9 +1,7 @@
 """res_backbone as a timm citizen: registry names, features_only, configs, equivalence with timm's
-own ResNet on identical weights, offline pretrained loading from (fake) caches, and timm's own suite."""
-import subprocess
-import sys
+own ResNet on identical weights, offline pretrained loading from (fake) caches (timm's own suite:
+tests/tools/test_run_timm_suite.py)."""
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,7 @@ from res_backbone import PretrainedNotFoundError
 from res_backbone.weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
 from res_backbone.weights.testing import FAKE_REVISION, write_fake_timm_cache, write_fake_torchvision_cache
 
-REPO = Path(__file__).resolve().parents[2]
 RB_NAMES = [f"rb_{kind}{depth}" for kind in ("resnet", "plain") for depth in (18, 34, 50, 101, 152, 20, 32, 44, 56, 110)]
-TOOL_NO_SDIST = 3  # tools/run_timm_suite.py's exit status when the timm sdist cannot be had
 
 
 @pytest.fixture(scope="module")
@@ -166,23 +162,3 @@ def test_missing_file_fails_at_once(empty_caches, name, directory, filename):
 def test_plain_twin_has_no_pretrained_weights(empty_caches):
     with pytest.raises(PretrainedNotFoundError, match="plain"):
         timm.create_model("rb_plain18", pretrained=True)
-
-
-def test_timm_own_suite(tmp_path):
-    """timm's tests/test_models.py over two small rb_ models (about a minute on 2 CPU cores)."""
-    junit = tmp_path / "junit.xml"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "run_timm_suite.py"), "--models", "rb_resnet18", "rb_plain18",
-         "--junit", str(junit)],
-        capture_output=True, text=True, timeout=900,
-    )
-    if proc.returncode == TOOL_NO_SDIST:
-        lines = proc.stderr.strip().splitlines() or ["?"]
-        pytest.skip(f"timm sdist unavailable (no network?): {lines[0]} ... {lines[-1]}")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
-    for test in ("test_model_load_pretrained", "test_model_features_pretrained"):
-        for tag in ("tv_in1k", "a1_in1k"):
-            case = cases[f"{test}[1-rb_resnet18.{tag}]"]
-            assert case.find("skipped") is None and case.find("failure") is None
-    assert any("rb_plain18" in n for n in cases)

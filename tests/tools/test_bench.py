@@ -54,22 +54,33 @@ def test_backbone_tiny_run(tmp_path, extra):
     (run,) = data["runs"]
     assert run["model"] == "resnet18"
     got = {(r["mode"], r["batch_size"], r["contender"]) for r in run["results"]}
-    assert got == {
-        ("infer", 1, "torchvision"), ("infer", 1, "timm"), ("infer", 1, "ours_eager"), ("infer", 1, "ours"),
-        ("train", 2, "torchvision"), ("train", 2, "timm"), ("train", 2, "ours_eager"), ("train", 2, "ours"),
-    }
+    # every library in both memory formats (channels-last is the baselines' best eager setting)
+    infer = ("torchvision", "torchvision_cl", "timm", "timm_cl", "ours_eager", "ours_cl", "ours")
+    train = ("torchvision", "torchvision_cl", "timm", "timm_cl", "ours_eager", "ours")
+    assert got == {("infer", 1, k) for k in infer} | {("train", 2, k) for k in train}
     for r in run["results"]:
         assert len(r["times_s"]) == 1 and r["img_per_s"] > 0 and r["median_ms"] > 0
-    assert {(q["mode"], q["contender"]) for q in run["ratios"]} == {("infer", "ours_eager"), ("infer", "ours"), ("train", "ours_eager"), ("train", "ours")}
+    assert {(q["mode"], q["contender"]) for q in run["ratios"]} == {
+        ("infer", "ours_eager"), ("infer", "ours_cl"), ("infer", "ours"), ("train", "ours_eager"), ("train", "ours")}
     for q in run["ratios"]:
-        assert q["vs_torchvision"] > 0 and q["vs_timm"] > 0
+        assert all(q[f"vs_{b}"] > 0 for b in ("torchvision", "torchvision_cl", "timm", "timm_cl"))
+    # which part of the gain is memory format and which BN folding: the factors multiply to the total
+    by = {(r["mode"], r["contender"]): r["img_per_s"] for r in run["results"]}
+    (a_inf, a_train) = run["attribution"]
+    assert (a_inf["mode"], a_train["mode"]) == ("infer", "train")
+    assert a_inf["memory_format"] == pytest.approx(by["infer", "ours_cl"] / by["infer", "ours_eager"])
+    assert a_inf["bn_folding"] == pytest.approx(by["infer", "ours"] / by["infer", "ours_cl"])
+    assert a_inf["memory_format"] * a_inf["bn_folding"] == pytest.approx(a_inf["total"])
+    assert a_inf["vs_torchvision_best"] == pytest.approx(
+        by["infer", "ours"] / max(by["infer", "torchvision"], by["infer", "torchvision_cl"]))
+    assert a_train["bn_folding"] is None and a_train["memory_format"] == pytest.approx(a_train["total"])
+    assert "memory format" in stdout and "BN folding" in stdout
     # same weights in all three libraries: outputs agree
     assert all(d < 1e-4 for d in run["max_rel_diff"].values())
 
 
 def test_time_interleaved_rotates_order():
-    sys.path.insert(0, str(ROOT))
-    from res_backbone.benchmark import time_interleaved
+    from studies.timing import time_interleaved
 
     calls = []
     fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from res_backbone.data.fashion_mnist import write_fake_fashion_mnist
+from studies.analysis import degradation_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +69,7 @@ def test_degradation_writes_png_and_json(data_dir, tmp_path, capsys):
 
 
 def test_degradation_summary_signs():
-    summary = _tool("degradation").degradation_summary([
+    summary = degradation_summary([
         {"depth": 20, "residual": False, "final_train_error": 10.0, "final_test_error": 12.0},
         {"depth": 56, "residual": False, "final_train_error": 14.0, "final_test_error": 15.0},
         {"depth": 20, "residual": True, "final_train_error": 9.0, "final_test_error": 11.0},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from res_backbone.data.fashion_mnist import write_fake_fashion_mnist
-from res_backbone.engine.transfer_study import ARMS
+from studies.transfer_study import ARMS
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("tool_transfer_study", ROOT / "tools" / "transfer_study.py")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from res_backbone.data import CocoDetection, make_synthetic_coco
-from res_backbone.data.synthetic import SHAPES, main
+from res_backbone.data.synthetic import SHAPES
 
 
 def _digest(paths):
@@ -84,14 +84,6 @@ def test_reuse_skips_regeneration(synth):
     mtime = f.stat().st_mtime_ns
     make_synthetic_coco(f.parent.parent, num_train=24, num_val=8, image_size=96, num_classes=5, seed=0)
     assert f.stat().st_mtime_ns == mtime
-
-
-def test_cli(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0 and "--num-train" in capsys.readouterr().out
-    assert main(["--out", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1", "--image-size", "64"]) == 0
-    assert (tmp_path / "cli" / "annotations" / "instances_val.json").is_file()
 
 
 def test_synthetic_paths(synth):

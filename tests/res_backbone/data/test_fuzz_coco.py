@@ -35,12 +35,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import res_backbone.data.coco as coco_mod
+import res_backbone.data.images as images_mod
 from res_backbone.data import (CocoDetection, CocoFormatError, CocoLocalization, ImageDecodeError,
                                ImageFolderClassification, build_eval_transforms, build_loc_eval_transforms,
                                load_rgb_image)
 from res_backbone.data.cls_transforms import build_cls_transforms
-from res_backbone.data.coco import ImageTooLargeError, read_image_size
+from res_backbone.data.images import ImageTooLargeError, read_image_size
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the corrupt files it is fed
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=False,
@@ -464,12 +464,12 @@ def broken_image(draw):
 
 @contextmanager
 def pixel_limit(limit):
-    old = coco_mod.MAX_IMAGE_PIXELS
-    coco_mod.MAX_IMAGE_PIXELS = limit
+    old = images_mod.MAX_IMAGE_PIXELS
+    images_mod.MAX_IMAGE_PIXELS = limit
     try:
         yield
     finally:
-        coco_mod.MAX_IMAGE_PIXELS = old
+        images_mod.MAX_IMAGE_PIXELS = old
 
 
 def _folder_outcome(root: Path, path: Path) -> str:
@@ -528,7 +528,7 @@ def test_fuzz_broken_image_files(arena):
 
 def test_decompression_bomb_refused_before_decoding(tmp_path):
     """Header-declared sizes over the default limit are refused by name without allocating the pixels."""
-    assert coco_mod.MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # documented default = PIL's
+    assert images_mod.MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # documented default = PIL's
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cases = {"bomb.png": png_with_size(10_000, 10_000, 6),  # 1e8 px RGBA: 400 MB if decoded
              "bomb.jpg": jpeg_with_size(65_535, 65_535),  # over twice PIL's limit: PIL's own refusal, renamed

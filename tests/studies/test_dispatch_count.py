@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from res_backbone.benchmark import count_dispatch
+from studies.timing import count_dispatch
 
 
 def test_views_and_allocations_are_not_counted():

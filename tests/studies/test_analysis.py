@@ -1,4 +1,4 @@
-"""res_backbone.analysis: gradient norms per conv, the Fig. 6 training loop, the two plots."""
+"""studies.analysis: gradient norms per conv, the Fig. 6 training loop, the two plots."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 from res_backbone import BasicBlock, ResNet, create_model
-from res_backbone.analysis import (
+from studies.analysis import (
     TrainCurves, build_twin, classification_error, conv_layers, first_last_ratio, layer_grad_norms,
     load_fashion_mnist_normalized, normalize_images, plot_degradation, plot_grad_flow, train_recording_errors,
     twin_name,
@@ -15,13 +15,8 @@ from res_backbone.analysis import (
 from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError, write_fake_fashion_mnist
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine one thread is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models gain nothing from threads; on a shared 2-core machine one thread is faster
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

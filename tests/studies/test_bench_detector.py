@@ -1,15 +1,18 @@
 """tools/bench.py detector end to end on a tiny input (structure and equivalence checked, no timings asserted)."""
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from heads.detection.benchmark import _targets, build_pair, compare_detections
-from heads.detection.faster_rcnn import prepare_for_inference
-from res_backbone.benchmark import count_dispatch
+from res_backbone.inference import prepare_for_inference
+from studies import bench_detector
+from studies.bench_detector import _targets, build_pair, compare_detections
+from studies.timing import count_dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +32,7 @@ def test_detector_tiny_run(tmp_path):
         ("train", "torchvision"), ("train", "ours_eager")}
     assert run["equivalence"]["ours_eager"]["same_labels"]
     assert run["equivalence"]["ours_eager"]["max_box_diff_px"] <= 1e-3
+    assert all(e["within_tolerance"] for e in run["equivalence"].values())  # else the command exits 1
     assert run["roi_align"] == "bag"
     for q in run["ratios"]:
         assert q["speedup_vs_torchvision"] > 0 and q["speedup_paired_median"] > 0 and q["ops_ratio"] > 0
@@ -89,3 +93,46 @@ def test_detector_count_only_run(tmp_path):
         counts = run["dispatch"][q["mode"]]
         assert q["ops_ratio"] == counts["torchvision"]["ops"] / counts[q["contender"]]["ops"]
         assert "speedup_vs_torchvision" not in q
+
+
+def _bench_tool():
+    spec = importlib.util.spec_from_file_location("tool_bench", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["detector", "--models", "resnet18", "--image-size", "64", "--num-classes", "3", "--no-train", "--count-only"]
+
+
+def test_fp32_beyond_the_stated_tolerance_exits_1(monkeypatch, capsys, tmp_path):
+    """The float32 check is not decoration: detections beyond the tolerance fail the command (JSON still written)."""
+    monkeypatch.setattr(bench_detector, "SCORE_TOLERANCE", -1.0)  # every difference is now too large
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_tool().main(TINY + ["--output", str(tmp_path / "det.json")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "beyond the stated float32 tolerance" in err and "ours_eager" in err and "ours:" in err
+    run = json.loads((tmp_path / "det.json").read_text())["runs"][0]
+    assert not run["equivalence"]["ours"]["within_tolerance"]
+
+
+def test_amp_reports_each_library_against_its_own_fp32(tmp_path):
+    out = tmp_path / "det.json"
+    _bench_tool().main(TINY + ["--amp", "bf16", "--output", str(out)])
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["equivalence"] == {}  # no paired torchvision-vs-ours difference under autocast
+    assert set(run["amp_drift"]) == {"torchvision", "ours_eager", "ours"}
+    for d in run["amp_drift"].values():
+        assert 0.0 < d["matched_fraction"] <= 1.0 and d["max_box_diff_px"] >= d["median_box_diff_px"] >= 0.0
+
+
+def test_amp_drift_of_identical_detections_is_zero():
+    det = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 30.0]]),
+            "scores": torch.tensor([0.9, 0.5]), "labels": torch.tensor([1, 2])}]
+    d = bench_detector.amp_drift(det, det)
+    assert d == {"num_detections": [[2], [2]], "matched_fraction": 1.0, "max_box_diff_px": 0.0,
+                 "median_box_diff_px": 0.0, "max_score_diff": 0.0}
+    moved = [dict(det[0], boxes=det[0]["boxes"] + 0.5, labels=torch.tensor([1, 3]))]  # the second changed class
+    d = bench_detector.amp_drift(det, moved)
+    assert d["matched_fraction"] == 0.5 and d["max_box_diff_px"] == 0.5

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.classification import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from .data.fashion_mnist import load_fashion_mnist
-from .engine.classification import evaluate, train_one_epoch
-from .engine.optim import build_optimizer, lr_factor, set_lr
+from res_backbone.data.classification import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from res_backbone.data.fashion_mnist import load_fashion_mnist
+from res_backbone.engine.classification import evaluate, train_one_epoch
+from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
 
 __all__ = [
-    "TrainCurves", "build_twin", "classification_error", "conv_layers", "first_last_ratio", "layer_grad_norms",
+    "TrainCurves", "build_twin", "classification_error", "conv_layers", "degradation_summary", "first_last_ratio", "layer_grad_norms",
     "load_fashion_mnist_normalized", "normalize_images", "plot_degradation", "plot_grad_flow", "resolve_device",
     "train_recording_errors", "twin_name",
 ]
@@ -78,7 +78,7 @@ def twin_name(depth: int, residual: bool) -> str:
 def build_twin(depth: int, residual: bool, *, in_chans: int = 1, num_classes: int = 10) -> nn.Module:
     """``create_model(twin_name(depth, residual))``: BatchNorm after every conv, option-A shortcuts
     (residual) or none (plain), the same layers otherwise."""
-    from .registry import create_model, list_models
+    from res_backbone.registry import create_model, list_models
 
     name = twin_name(depth, residual)
     if name not in list_models():
@@ -417,3 +417,21 @@ def plot_grad_flow(nets: Mapping[str, Mapping[str, Sequence[Tuple[str, float]]]]
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def degradation_summary(nets: Sequence[dict]) -> dict:
+    """Per family (plain, resnet): final errors by depth and the deepest-minus-shallowest differences
+    (positive training difference = the deeper net trains worse: degradation)."""
+    out = {}
+    for family, residual in (("plain", False), ("resnet", True)):
+        rows = sorted((n for n in nets if n["residual"] == residual), key=lambda n: n["depth"])
+        if not rows:
+            continue
+        entry = {"final_train_error": {str(n["depth"]): n["final_train_error"] for n in rows},
+                 "final_test_error": {str(n["depth"]): n["final_test_error"] for n in rows}}
+        if len(rows) > 1:
+            entry["deeper_minus_shallower_train_error"] = rows[-1]["final_train_error"] - rows[0]["final_train_error"]
+            if rows[0]["final_test_error"] is not None and rows[-1]["final_test_error"] is not None:
+                entry["deeper_minus_shallower_test_error"] = rows[-1]["final_test_error"] - rows[0]["final_test_error"]
+        out[family] = entry
+    return out
