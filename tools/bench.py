@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "detector", help="Faster R-CNN-FPN: ours vs torchvision's, same depth and weights, interleaved",
         description="Times inference and one SGD training step of torchvision's FasterRCNN (resnet_fpn_backbone, "
                     "frozen BN, min_size=max_size=--image-size, its transform included) and ours with the same "
-                    "weights (converted); 'ours' is heads.detection.prepare_for_inference (BN folded, channels-last), "
+                    "weights (converted); 'ours' is res_backbone.prepare_for_inference (BN folded, channels-last), "
                     "'ours_eager' our model as is. In float32 it checks the detections against torchvision's and "
                     "exits 1 beyond the stated tolerance; under --amp it reports each contender's difference from "
                     "its own float32 result.",
