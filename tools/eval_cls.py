@@ -16,7 +16,7 @@ crop t, 10-crop source round(t * 256/224), scales round(s * t/224) for s in 224,
 split (--data-dir), whose 10-crop source is the image zero-padded to 32 like the training crops, or
 an ImageFolder tree (--val-dir), whose images are resized and centre-cropped to a square of the
 largest size any protocol needs, then resized per protocol. Prints a markdown table and writes
-eval_cls.json into --output (default: the first checkpoint's folder). Exit status 2 on bad input.
+eval_cls.json into --output (default: the first checkpoint's folder). Exit codes: 0 done, 1 unexpected error, 2 bad input.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from res_backbone.engine.run_config import run_tool
 
 log = logging.getLogger("eval_cls")
 
@@ -115,6 +115,10 @@ def _check_compatible(paths: Sequence[str], models) -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _evaluate(args), log)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from heads.classification import load_classifier

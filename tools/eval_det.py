@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from res_backbone.engine.run_config import run_tool
 
 log = logging.getLogger("eval_det")
 
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _evaluate(args), log)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     from res_backbone.data import CocoDetection, build_eval_transforms, collate_detection
     from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text
     from res_backbone.engine.det_run import DetData, write_pictures
-    from res_backbone.engine.detection import autocast
+    from res_backbone.engine.step import autocast
     from res_backbone.engine.step import AMP_DTYPES
     from res_backbone.evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
     from res_backbone.weights.catalogue import IMAGENET_MEAN, IMAGENET_STD

@@ -11,7 +11,7 @@ that class's box has IoU >= 0.5 with a ground-truth box of that class. Prints a 
 into --output: metrics.json (top1/top5_loc_err, top1/top5_cls_err, gt_known_loc_err in percent,
 mean_iou, per-class top-1 localization error) and predictions/val.png, predictions/errors.png.
 
-Exit codes: 0 done, 2 bad arguments, checkpoint or data.
+Exit codes: 0 done, 1 unexpected error, 2 bad arguments, checkpoint or data.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from res_backbone.engine.run_config import run_tool
 
 log = logging.getLogger("eval_loc")
 
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    return run_tool(lambda: _evaluate(args), log)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:

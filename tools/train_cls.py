@@ -22,7 +22,7 @@ metrics.json (top1_err, top5_err in percent, best_top1_err, train_time_s, img_pe
 accuracy). Checkpoints load with create_model(name, num_classes=K, in_chans=C, pretrained=path) and
 create_backbone(name, pretrained=path).
 
-Exit codes: 0 done, 2 bad arguments or input, 3 non-finite losses, 143 stopped by SIGTERM/SIGINT
+Exit codes: 0 done, 1 unexpected error, 2 bad arguments or input, 3 non-finite losses, 143 stopped by SIGTERM/SIGINT
 after writing a checkpoint (rerun with --resume auto to continue).
 """
 from __future__ import annotations
@@ -32,14 +32,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone import list_models  # noqa: E402
-from res_backbone.engine.config import opt_float, opt_int  # noqa: E402
+from res_backbone import list_models
+from res_backbone.engine.config import opt_int
+from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
 
 log = logging.getLogger("train_cls")
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,89 +86,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=opt_int, default=None,
                    help="CPU threads for torch (default: one per core). On a machine shared with other jobs, 1 "
                         "can be several times faster than 2 (threads of one op wait for each other)")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, default=30, help="passes over the training set (default 30)")
-    t.add_argument("--max-iters", type=opt_int, default=None,
-                   help="stop after this many iterations (overrides --epochs)")
-    t.add_argument("--time-budget", type=opt_float, default=None, metavar="MIN",
-                   help="minutes of training (evaluation not counted): after 30 iterations the speed measured so far "
-                        "sets the number of iterations (re-measured every 100), and the schedule runs over them; "
-                        "--max-iters/--epochs cap it")
-    t.add_argument("--batch-size", type=int, default=128, help="images per iteration (default 128)")
-    t.add_argument("--lr", type=opt_float, default=None, help="base learning rate (default 0.1 x batch-size / 256 with sgd, 1e-3 with adamw)")
-    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
-                   help="sgd with momentum (default, the paper's recipe) or adamw (decoupled weight decay: pass e.g. "
-                        "--weight-decay 0.05)")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, default=1e-4,
-                   help="weight decay (default 1e-4), not applied to norms and biases")
-    t.add_argument("--schedule", default="step", choices=("step", "cosine", "constant"),
-                   help="decay after warmup, per iteration: step (x0.1 at each --milestones) or cosine to 0")
-    t.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75],
-                   help="step schedule: x0.1 at these fractions of the run, or absolute iterations if >= 1 "
-                        "(default 0.5 0.75, the paper's 32k and 48k of 64k)")
-    t.add_argument("--warmup-iters", type=int, default=100,
-                   help="linear warmup from lr/1000 over this many iterations (default 100)")
+    t = add_optimisation_args(
+        p, epochs=30, batch_size=128, lr=None, optimizer="sgd", weight_decay=1e-4, schedule="step",
+        milestones=(0.5, 0.75), warmup_iters=100,
+        lr_help="base learning rate (default 0.1 x batch-size / 256 with sgd, 1e-3 with adamw)",
+        help={"milestones": "step schedule: x0.1 at these fractions of the run, or absolute iterations if >= 1 "
+                            "(default 0.5 0.75, the paper's 32k and 48k of 64k)"})
     t.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default 0)")
-    t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
-    t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
-                   help="mixed precision: bf16 (CPUs with AVX512-BF16/AMX, recent GPUs) or fp16 (CUDA, with a "
-                        "grad scaler)")
-    t.add_argument("--channels-last", action="store_true", help="channels-last memory format for the model and batches")
-    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
-    t.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resumes on GPU)")
-    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
-    r = p.add_argument_group("run")
-    r.add_argument("--output", default="runs/cls", help="run folder for checkpoints, logs and metrics")
-    r.add_argument("--resume", default=None,
-                   help="'auto' (newest valid checkpoint in --output, else start fresh) or a checkpoint path; "
-                        "the model, classes and channels must match")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs, and always at the end")
-    r.add_argument("--checkpoint-every", type=int, default=1000,
-                   help="also checkpoint every N iterations (0: only at epoch ends and on SIGTERM)")
-    r.add_argument("--log-every", type=int, default=50, help="log training loss/error every N iterations")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_run_args(p, output="runs/cls",
+                 resume_help="'auto' (newest valid checkpoint in --output, else start fresh) or a checkpoint path; "
+                             "the model, classes and channels must match",
+                 checkpoint_help="also checkpoint every N iterations (default 200; 0: only at epoch ends and on "
+                                 "SIGTERM)")
     return p
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    parser = build_parser()
-    from res_backbone.engine import config as cfgmod
-
-    try:
-        args = cfgmod.parse_with_config(parser, argv)
-    except cfgmod.ConfigError as e:
-        parser.error(str(e))
+    args = parse_args(build_parser(), argv)
     from res_backbone.engine import cls_run
-    from res_backbone.engine.checkpoint import CorruptCheckpointError
-    from res_backbone.engine.step import NonFiniteLossError
-    from res_backbone.weights.files import CheckpointMismatchError
 
     fields = set(cls_run.ClsTrainConfig.__dataclass_fields__)
     cfg = cls_run.ClsTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
+
+    def body() -> int:
         metrics = cls_run.run(cfg)
-    except cls_run.Preempted as e:
-        log.warning("%s", e)
-        return cls_run.EXIT_PREEMPTED
-    except NonFiniteLossError as e:
-        log.error("%s", e)
-        return 3
-    except (OSError, ValueError, CheckpointMismatchError, CorruptCheckpointError) as e:
-        # OSError covers missing files and undecodable images (DataLoader workers re-raise them
-        # with their traceback in the message: the last line names the file).
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        log.error("%s", lines[-1] if len(lines) > 1 and "Traceback" in str(e) else str(e))
-        return 2
-    if metrics:
-        top5, best = metrics.get("top5_err"), metrics.get("best_top1_err")
-        print(f"top-1 err {metrics.get('top1_err', float('nan')):.2f}%"
-              + (f"  top-5 err {top5:.2f}%" if top5 is not None else "")
-              + (f"  best top-1 err {best:.2f}%" if best is not None else "")
-              + f"  ({metrics['train_time_s']:.0f} s training, {metrics['img_per_s']} img/s)"
-              + f"  ->  {Path(cfg.output) / 'metrics.json'}")
-    return 0
+        if metrics:
+            top5, best = metrics.get("top5_err"), metrics.get("best_top1_err")
+            print(f"top-1 err {metrics.get('top1_err', float('nan')):.2f}%"
+                  + (f"  top-5 err {top5:.2f}%" if top5 is not None else "")
+                  + (f"  best top-1 err {best:.2f}%" if best is not None else "")
+                  + f"  ({metrics['train_time_s']:.0f} s training, {metrics['img_per_s']} img/s)"
+                  + f"  ->  {Path(cfg.output) / 'metrics.json'}")
+        return 0
+
+    return run_tool(body, log)
 
 
 if __name__ == "__main__":

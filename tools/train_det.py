@@ -38,14 +38,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone import list_models  # noqa: E402
-from res_backbone.engine.config import opt_float, opt_int  # noqa: E402
+from res_backbone import list_models
+from res_backbone.engine.config import opt_int
+from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
 
 log = logging.getLogger("train_det")
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,38 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--filter-empty", action="store_true", help="drop training images without annotations (kept as negatives by default)")
     d.add_argument("--image-size", type=int, default=512, help="longer image side after resizing (default 512)")
     d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank (default 2)")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, default=12, help="passes over the training split (default 12)")
-    t.add_argument("--max-iters", type=opt_int, default=None, help="stop after this many iterations (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, default=4, help="images per rank and iteration (default 4)")
-    t.add_argument("--lr", type=float, default=0.02, help="base learning rate (default 0.02 for batch 16; scale linearly)")
-    t.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="sgd (momentum 0.9) or adamw")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay, not applied to norms and biases")
-    t.add_argument("--schedule", default="step", choices=("step", "cosine", "constant"), help="decay after warmup")
-    t.add_argument("--milestones", type=float, nargs="+", default=[0.67, 0.89],
-                   help="step schedule: x0.1 at these fractions of the run (or absolute iterations if >= 1)")
-    t.add_argument("--warmup-iters", type=int, default=100, help="linear warmup iterations (default 100)")
-    t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
+    t = add_optimisation_args(
+        p, epochs=12, batch_size=4, lr=0.02, optimizer="sgd", weight_decay=1e-4, schedule="step",
+        milestones=(0.67, 0.89), warmup_iters=100, time_budget=False,
+        lr_help="base learning rate (default 0.02 for batch 16; scale linearly)",
+        help={"batch_size": "images per rank and iteration (default 4)"})
     t.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (fine-tuning)")
     t.add_argument("--freeze-backbone-iters", type=int, default=0,
                    help="keep the pretrained backbone (not the FPN) frozen, BN statistics included, for the first N "
                         "iterations, then train it")
-    t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 uses a grad scaler, CUDA)")
-    t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on CPU and tensor cores)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and initialisation")
-    t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible resumes on CPU)")
-    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu, or cuda (one GPU per torchrun process)")
-    r = p.add_argument_group("run")
-    r.add_argument("--output", default="runs/det", help="run folder for checkpoints, logs, metrics and pictures")
-    r.add_argument("--resume", default=None,
-                   help="'auto' (newest valid checkpoint in --output) or a checkpoint path; default: start fresh")
-    r.add_argument("--checkpoint-every", type=int, default=200, help="also checkpoint every N iterations (default 200)")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs, and always at the end")
-    r.add_argument("--log-every", type=int, default=20, help="log losses every N iterations")
-    r.add_argument("--num-pictures", type=int, default=8, help="val images drawn into predictions/ (default 8)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    r = add_run_args(p, output="runs/det",
+                     resume_help="'auto' (newest valid checkpoint in --output) or a checkpoint path; default: start "
+                                 "fresh",
+                     checkpoint_help="also checkpoint every N iterations (default 200)",
+                     pictures_help="val images drawn into predictions/ (default 8)")
     r.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="seconds a collective waits for the other torchrun ranks before failing (default 1800)")
     return p
@@ -146,21 +126,22 @@ def _model_kwargs(kw: dict) -> dict:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    parser = build_parser()
-    from res_backbone.engine import config as cfgmod
-
-    try:
-        args = cfgmod.parse_with_config(parser, argv)
-    except cfgmod.ConfigError as e:
-        parser.error(str(e))
-    from heads import build_detector
-    from res_backbone.engine import det_run
-    from res_backbone.engine.detection import NonFiniteLossError
-    from res_backbone.engine.checkpoint import CorruptCheckpointError
+    args = parse_args(build_parser(), argv)
     from res_backbone.engine.distributed import cleanup, describe_failure, init_distributed
-    from res_backbone import transfer
 
     dist = init_distributed(args.device, timeout_s=args.dist_timeout)
+    # Under torchrun an unexpected error is described naming this rank (the peers' collectives fail
+    # next and name it); a single process lets it propagate, traceback and all.
+    return run_tool(lambda: _train(args, dist), log, on_exit=cleanup,
+                    describe=describe_failure if dist.enabled else None, reraise=not dist.enabled)
+
+
+def _train(args: argparse.Namespace, dist) -> int:
+    from heads import build_detector
+    from res_backbone import transfer
+    from res_backbone.engine import config as cfgmod
+    from res_backbone.engine import det_run
+
     out = Path(args.output)
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -168,58 +149,39 @@ def main(argv=None) -> int:
     if cfg.model_kwargs["anchor_sizes"] is not None:  # one size per level on the command line
         cfg.model_kwargs["anchor_sizes"] = [[s] for s in cfg.model_kwargs["anchor_sizes"]]
     det_run.seed_everything(args.seed + dist.rank, args.deterministic)
-    try:
-        pretrained = True if args.pretrained == "auto" else args.pretrained
-        # The data decides the class count, the weights decide the normalisation.
-        train_set, val_set = det_run.load_datasets(cfg, dist)
-        # The BN policy follows from the weights (and the batch size) unless --bn-policy/--norm say otherwise.
-        policy, norm, norm_eval = transfer.resolve_bn_policy(args.bn_policy, args.norm, pretrained=bool(pretrained),
-                                                             batch_size=args.batch_size)
-        model = build_detector(
-            backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch, pretrained=pretrained,
-            frozen_stages=args.frozen_stages, norm=norm, **_model_kwargs(cfg.model_kwargs),
-        )
-        # Input channels, mean/std (grey statistics repeated for RGB) and BN policy, logged and recorded.
-        cfg.transfer = transfer.configure_backbone(
-            model.backbone, bn_policy=policy, norm_eval=norm_eval, freeze_backbone_iters=args.freeze_backbone_iters,
-            backbone_lr_mult=args.backbone_lr_mult)
-        if dist.is_main:  # every option's final value, data paths resolved
-            out.mkdir(parents=True, exist_ok=True)
-            resolved = cfgmod.resolved_config(args)
-            resolved.update({k: getattr(cfg, k) for k in ("train_json", "train_images", "val_json", "val_images")})
-            resolved.update(bn_policy=None if policy == "gn" else policy, norm=norm,
-                            frozen_stages=model.backbone.frozen_stages)
-            cfgmod.dump_yaml(resolved, out / "config.yaml")
-        cfg.detector_kwargs = dict(backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch,
-                                   norm=model.backbone.norm, **cfg.model_kwargs)
-        if norm == "sync_bn" and dist.enabled:
-            import torch
+    pretrained = True if args.pretrained == "auto" else args.pretrained
+    # The data decides the class count, the weights decide the normalisation.
+    train_set, val_set = det_run.load_datasets(cfg, dist)
+    # The BN policy follows from the weights (and the batch size) unless --bn-policy/--norm say otherwise.
+    policy, norm, norm_eval = transfer.resolve_bn_policy(args.bn_policy, args.norm, pretrained=bool(pretrained),
+                                                         batch_size=args.batch_size)
+    model = build_detector(
+        backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch, pretrained=pretrained,
+        frozen_stages=args.frozen_stages, norm=norm, **_model_kwargs(cfg.model_kwargs),
+    )
+    # Input channels, mean/std (grey statistics repeated for RGB) and BN policy, logged and recorded.
+    cfg.transfer = transfer.configure_backbone(
+        model.backbone, bn_policy=policy, norm_eval=norm_eval, freeze_backbone_iters=args.freeze_backbone_iters,
+        backbone_lr_mult=args.backbone_lr_mult)
+    if dist.is_main:  # every option's final value, data paths resolved
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = cfgmod.resolved_config(args)
+        resolved.update({k: getattr(cfg, k) for k in ("train_json", "train_images", "val_json", "val_images")})
+        resolved.update(bn_policy=None if policy == "gn" else policy, norm=norm,
+                        frozen_stages=model.backbone.frozen_stages)
+        cfgmod.dump_yaml(resolved, out / "config.yaml")
+    cfg.detector_kwargs = dict(backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch,
+                               norm=model.backbone.norm, **cfg.model_kwargs)
+    if norm == "sync_bn" and dist.enabled:
+        import torch
 
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        data = det_run.prepare_data(cfg, dist, train_set, val_set, cfg.transfer["mean"], cfg.transfer["std"])
-        metrics = det_run.fit(model, data, cfg, dist)
-    except det_run.Preempted as e:
-        log.warning("%s", e)
-        cleanup()
-        return det_run.EXIT_PREEMPTED
-    except NonFiniteLossError as e:
-        log.error("%s", e)
-        cleanup()
-        return 3
-    except (FileNotFoundError, ValueError, CorruptCheckpointError) as e:
-        log.error("%s", e)
-        cleanup()
-        return 2
-    except Exception as e:
-        if not dist.enabled:
-            raise
-        log.exception("%s", describe_failure(e))  # the peers' collectives fail next; they name this rank
-        return 1
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    data = det_run.prepare_data(cfg, dist, train_set, val_set, cfg.transfer["mean"], cfg.transfer["std"])
+    metrics = det_run.fit(model, data, cfg, dist)
     if dist.is_main and metrics:
         print(metrics.get("summary", ""))
         print(f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  ->  {out / 'metrics.json'}, "
               f"{out / 'detections.json'}, {out / 'predictions'}/  (peak RSS {metrics['peak_rss_mib']:.0f} MiB)")
-    cleanup()
     return 0
 
 

@@ -30,7 +30,7 @@ with the class known; per-class top-1 localization error; errors in percent) and
 (val.png: the first val images, errors.png: the first mistakes; ground truth dashed green with its
 class, the top-1 prediction solid with class, score and IoU).
 
-Exit codes: 0 done, 2 bad arguments or input, 3 non-finite losses, 143 stopped by SIGTERM/SIGINT
+Exit codes: 0 done, 1 unexpected error, 2 bad arguments or input, 3 non-finite losses, 143 stopped by SIGTERM/SIGINT
 after writing a checkpoint (rerun with --resume auto to continue).
 """
 from __future__ import annotations
@@ -40,14 +40,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone import list_models  # noqa: E402
-from res_backbone.engine.config import opt_float, opt_int  # noqa: E402
+from res_backbone import list_models
+from res_backbone.engine.config import opt_int
+from res_backbone.engine.run_config import BadInput, add_optimisation_args, add_run_args, parse_args, run_tool
 
 log = logging.getLogger("train_loc")
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,22 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training step 10%% faster on a 2-core CPU")
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 is fastest when other jobs share the CPU")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, default=3, help="passes over the training split (default 3)")
-    t.add_argument("--max-iters", type=opt_int, default=None, help="stop after this many iterations (overrides --epochs)")
-    t.add_argument("--time-budget", type=opt_float, default=None, metavar="MIN",
-                   help="minutes of training (evaluation not counted): after 30 iterations the speed measured so far "
-                        "sets the number of iterations, and the schedule runs over them; --max-iters/--epochs cap it")
-    t.add_argument("--batch-size", type=int, default=64, help="images per iteration (default 64)")
-    t.add_argument("--lr", type=float, default=0.002, help="base learning rate (default 0.002, for adamw)")
-    t.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"), help="adamw (default) or sgd with momentum")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="weight decay, not applied to norms and biases (default 0.05)")
-    t.add_argument("--schedule", default="cosine", choices=("step", "cosine", "constant"), help="decay after warmup (default cosine)")
-    t.add_argument("--milestones", type=float, nargs="+", default=[0.67, 0.89],
-                   help="step schedule: x0.1 at these fractions of the run (or absolute iterations if >= 1)")
-    t.add_argument("--warmup-iters", type=int, default=50, help="linear warmup iterations (default 50)")
-    t.add_argument("--grad-clip", type=opt_float, default=None, help="clip the gradient norm to this value")
+    t = add_optimisation_args(
+        p, epochs=3, batch_size=64, lr=0.002, optimizer="adamw", weight_decay=0.05, schedule="cosine",
+        milestones=(0.67, 0.89), warmup_iters=50, lr_help="base learning rate (default 0.002, for adamw)")
     f = p.add_argument_group("fine-tuning (with --pretrained; see res_backbone/transfer.py)")
     f.add_argument("--freeze-backbone-iters", type=int, default=0,
                    help="keep the pretrained backbone frozen, BN statistics included, for the first N iterations")
@@ -145,43 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label smoothing of the classifiers' cross-entropy (default 0)")
     t.add_argument("--l1-weight", type=float, default=5.0, help="weight of the L1 box term, normalised coordinates (default 5)")
     t.add_argument("--giou-weight", type=float, default=2.0, help="weight of the generalized-IoU box term (default 2)")
-    t.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 uses a grad scaler, CUDA)")
-    t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on CPU)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the built-in set, data order, augmentation and initialisation")
-    t.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible resumes)")
-    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
-    r = p.add_argument_group("run")
-    r.add_argument("--output", default="runs/loc", help="run folder for checkpoints, logs, metrics and pictures")
-    r.add_argument("--resume", default=None,
-                   help="'auto' (newest valid checkpoint in --output) or a checkpoint path; default: start fresh")
-    r.add_argument("--checkpoint-every", type=int, default=200, help="also checkpoint every N iterations (default 200)")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs, and always at the end")
-    r.add_argument("--log-every", type=int, default=20, help="log losses every N iterations")
-    r.add_argument("--num-pictures", type=int, default=16, help="images per picture grid in predictions/ (default 16)")
+    r = add_run_args(p, output="runs/loc",
+                     resume_help="'auto' (newest valid checkpoint in --output) or a checkpoint path; default: start "
+                                 "fresh",
+                     checkpoint_help="also checkpoint every N iterations (default 200)",
+                     pictures_help="images per picture grid in predictions/ (default 8)")
     r.add_argument("--tta-flip", action="store_true",
                    help="evaluate with test-time flips: class probabilities and boxes averaged with the mirrored image's")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return p
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    parser = build_parser()
-    from res_backbone.engine import config as cfgmod
+    args = parse_args(build_parser(), argv)
+    return run_tool(lambda: _train(args), log)
 
-    try:
-        args = cfgmod.parse_with_config(parser, argv)
-    except cfgmod.ConfigError as e:
-        parser.error(str(e))
+
+def _train(args: argparse.Namespace) -> int:
     from functools import partial
 
     from heads.localization import build_localizer, localization_loss
-    from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
     from res_backbone import transfer
+    from res_backbone.engine import config as cfgmod
     from res_backbone.engine import loc_run
-    from res_backbone.engine.checkpoint import CorruptCheckpointError
-    from res_backbone.engine.step import NonFiniteLossError
-    from res_backbone import CheckpointMismatchError, PretrainedNotFoundError
 
     out = Path(args.output)
     fields = set(loc_run.LocTrainConfig.__dataclass_fields__)
@@ -193,54 +163,43 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     loc_run.seed_everything(args.seed, args.deterministic)
-    try:
-        train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
-        # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
-        pretrained = {"auto": True, "none": None, "": None}.get(str(args.pretrained).lower(), args.pretrained)
-        if args.cls_checkpoint and (args.bn_policy or args.frozen_stages or args.freeze_backbone_iters
-                                    or args.backbone_lr_mult != 1.0):
-            raise ValueError("--cls-checkpoint freezes the backbone and classifier (only the box branch trains); the "
-                             "fine-tuning flags apply to --pretrained")
-        # The BN policy follows from the weights and the batch size unless --bn-policy says otherwise.
-        policy, norm, norm_eval = transfer.resolve_bn_policy(
-            "frozen" if args.cls_checkpoint else args.bn_policy, None,
-            pretrained=bool(pretrained), batch_size=args.batch_size)
-        norm_kw = {} if norm == "bn" or args.cls_checkpoint else {"norm": norm}  # bn: rebuild keywords as before
-        model = build_localizer(
-            cfg.backbone, train_set.num_classes, args.mode, pretrained=pretrained,
-            cls_checkpoint=args.cls_checkpoint, grid=args.grid, input_size=cfg.image_size,
-            box_channels=args.box_channels, hidden=args.hidden, drop_rate=args.drop_rate,
-            crop_size=args.crop_size, crop_context=args.crop_context, crop_jitter=args.crop_jitter,
-            box_scale=args.box_scale, first_cls_weight=args.first_cls_weight, **norm_kw)
-        cfg.transfer = transfer.configure_backbone(
-            model.backbone, bn_policy=policy, norm_eval=norm_eval, frozen_stages=args.frozen_stages,
-            freeze_backbone_iters=args.freeze_backbone_iters, backbone_lr_mult=args.backbone_lr_mult)
-        cfg.backbone = model.build_kwargs["backbone_name"]
-        cfg.localizer_kwargs = dict(model.build_kwargs)
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = cfgmod.resolved_config(args)
-        resolved.update({k: getattr(cfg, k) for k in ("backbone", "train_json", "train_images", "val_json",
-                                                      "val_images", "image_size")}, grid=model.build_kwargs["grid"])
-        cfgmod.dump_yaml(resolved, out / "config.yaml")
-        mean, std = loc_run.rgb_stats(model.pretrained_cfg)
-        model.backbone.pretrained_cfg = dict(model.pretrained_cfg, mean=list(mean), std=list(std),
-                                             input_size=[3, cfg.image_size, cfg.image_size])
-        data = loc_run.prepare_data(cfg, train_set, val_set, mean, std)
-        if not 0 <= args.label_smoothing < 1:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-        loss_fn = partial(localization_loss, cls_weight=args.cls_weight, l1_weight=args.l1_weight,
-                          giou_weight=args.giou_weight, label_smoothing=args.label_smoothing)
-        metrics = loc_run.fit(model, loss_fn, data, cfg)
-    except loc_run.Preempted as e:
-        log.warning("%s", e)
-        return loc_run.EXIT_PREEMPTED
-    except NonFiniteLossError as e:
-        log.error("%s", e)
-        return 3
-    except (FileNotFoundError, FashionMNISTNotFoundError, PretrainedNotFoundError, CheckpointMismatchError,
-            CorruptCheckpointError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+    train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
+    # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
+    pretrained = {"auto": True, "none": None, "": None}.get(str(args.pretrained).lower(), args.pretrained)
+    if args.cls_checkpoint and (args.bn_policy or args.frozen_stages or args.freeze_backbone_iters
+                                or args.backbone_lr_mult != 1.0):
+        raise ValueError("--cls-checkpoint freezes the backbone and classifier (only the box branch trains); the "
+                         "fine-tuning flags apply to --pretrained")
+    # The BN policy follows from the weights and the batch size unless --bn-policy says otherwise.
+    policy, norm, norm_eval = transfer.resolve_bn_policy(
+        "frozen" if args.cls_checkpoint else args.bn_policy, None,
+        pretrained=bool(pretrained), batch_size=args.batch_size)
+    norm_kw = {} if norm == "bn" or args.cls_checkpoint else {"norm": norm}  # bn: rebuild keywords as before
+    model = build_localizer(
+        cfg.backbone, train_set.num_classes, args.mode, pretrained=pretrained,
+        cls_checkpoint=args.cls_checkpoint, grid=args.grid, input_size=cfg.image_size,
+        box_channels=args.box_channels, hidden=args.hidden, drop_rate=args.drop_rate,
+        crop_size=args.crop_size, crop_context=args.crop_context, crop_jitter=args.crop_jitter,
+        box_scale=args.box_scale, first_cls_weight=args.first_cls_weight, **norm_kw)
+    cfg.transfer = transfer.configure_backbone(
+        model.backbone, bn_policy=policy, norm_eval=norm_eval, frozen_stages=args.frozen_stages,
+        freeze_backbone_iters=args.freeze_backbone_iters, backbone_lr_mult=args.backbone_lr_mult)
+    cfg.backbone = model.build_kwargs["backbone_name"]
+    cfg.localizer_kwargs = dict(model.build_kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = cfgmod.resolved_config(args)
+    resolved.update({k: getattr(cfg, k) for k in ("backbone", "train_json", "train_images", "val_json",
+                                                  "val_images", "image_size")}, grid=model.build_kwargs["grid"])
+    cfgmod.dump_yaml(resolved, out / "config.yaml")
+    mean, std = loc_run.rgb_stats(model.pretrained_cfg)
+    model.backbone.pretrained_cfg = dict(model.pretrained_cfg, mean=list(mean), std=list(std),
+                                         input_size=[3, cfg.image_size, cfg.image_size])
+    data = loc_run.prepare_data(cfg, train_set, val_set, mean, std)
+    if not 0 <= args.label_smoothing < 1:
+        raise BadInput(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    loss_fn = partial(localization_loss, cls_weight=args.cls_weight, l1_weight=args.l1_weight,
+                      giou_weight=args.giou_weight, label_smoothing=args.label_smoothing)
+    metrics = loc_run.fit(model, loss_fn, data, cfg)
     if metrics:
         print(f"top-1 loc err {metrics['top1_loc_err']:.2f}%  top-5 loc err {metrics['top5_loc_err']:.2f}%  "
               f"top-1 cls err {metrics['top1_cls_err']:.2f}%  mean IoU {metrics['mean_iou']:.3f}  "

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 __all__ = ["TimeBudgetPlan", "log_plan", "train_for_budget"]
 
 _WARM_ITERS = 3  # the first iterations of a segment pay for allocator and cache warm-up
+NO_ITER_CAP = 10**9  # "no cap": a plan sized by the budget alone never reaches this many iterations
+NEVER_LOG = 10**9  # a log_every no run reaches: the budget runs keep their own curve, not train/ records
 
 
 class TimeBudgetPlan:
@@ -129,7 +131,7 @@ def train_for_budget(
     lr: float, evaluate: Callable[[int], Dict[str, float]], num_evals: int = 5, warmup_iters: int = 0,
     schedule: str = "cosine", milestones: Sequence[float] = (0.67, 0.89), calib_iters: int = 20,
     freeze=None, freeze_fraction: float = 0.0, unfrozen_s_per_iter: Optional[float] = None,
-    max_iters: int = 10**9, amp: str = "none", channels_last: bool = False, grad_clip: Optional[float] = None,
+    max_iters: int = NO_ITER_CAP, amp: str = "none", channels_last: bool = False, grad_clip: Optional[float] = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict:
     """Train ``runner`` for ``budget_s`` seconds of training time; evaluate ``num_evals`` times.
@@ -254,7 +256,7 @@ def train_for_budget(
                 runner, loader, optimizer, device=device, start_iter=it, max_iters=st["plan"],
                 lr_at=lambda i: set_lr(optimizer, lr, lr_factor(i, max_iters=st["plan"], warmup_iters=warmup_iters,
                                                                 schedule=schedule, milestones=milestones)),
-                amp=amp, grad_clip=grad_clip, channels_last=channels_last, log_every=10**9, on_iteration_end=on_end)
+                amp=amp, grad_clip=grad_clip, channels_last=channels_last, log_every=NEVER_LOG, on_iteration_end=on_end)
         except _Pause:
             pass
         st["trained"] += clock() - st["seg_start"]

@@ -4,14 +4,14 @@ Errors are reported in percent (the paper's tables): ``top1_err = 100 * (1 - top
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .faults import fault_point
+from . import loop
+from .loop import ClassificationLoss, WindowMeter
 from .step import OptimizerStep, autocast
 
 
@@ -42,11 +42,11 @@ def train_one_epoch(
     max_bad_steps: int = 5,
     progress=None,
 ) -> Tuple[int, Dict[str, float]]:
-    """One pass over ``loader`` of ``(images, labels)`` batches (or until ``max_iters``).
+    """One pass of :func:`~.loop.train_one_epoch` over ``(images, labels)`` batches with the classifiers'
+    loss (:class:`~.loop.ClassificationLoss`) and records (:class:`~.loop.WindowMeter`).
 
     Args:
-        max_iters: the iteration to stop at, or a callable returning it (read before every iteration,
-            so a time budget can re-size the run while it goes).
+        max_iters: the iteration to stop at, or a callable returning it (read before every iteration).
         lr_at: sets the learning rate for an iteration and returns it (see :mod:`.optim`).
         amp: ``none``, ``bf16`` or ``fp16`` (fp16 wants a ``scaler``).
         label_smoothing: cross-entropy label smoothing (0 = plain cross-entropy).
@@ -61,56 +61,12 @@ def train_one_epoch(
     Returns:
         ``(next iteration index, {"loss", "top1_err", "n"})`` over the iterations of this call.
     """
-    model.train()
-    it = start_iter
     step = OptimizerStep(optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip,
                          max_bad_steps=max_bad_steps, logger=logger)
-    # Running sums stay on the device; they are read (a sync) only when logging.
-    win_loss = torch.zeros((), device=device)
-    win_wrong = torch.zeros((), device=device)
-    tot_loss, tot_wrong, tot_n, win_n = 0.0, 0.0, 0, 0
-    t_last = time.perf_counter()
-
-    def stop_at() -> int:
-        return int(max_iters()) if callable(max_iters) else int(max_iters)
-
-    for images, labels in loader:
-        if it >= stop_at():
-            break
-        fault_point("batch", it)
-        lr = lr_at(it)
-        images, labels = _to_device(images, labels, device, channels_last)
-        with autocast(device, amp):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        step(loss, it, lambda: {"loss": float(loss.detach())})
-        n = labels.shape[0]
-        win_loss += loss.detach() * n
-        win_wrong += (logits.detach().argmax(1) != labels).sum()
-        win_n += n
-        it += 1
-        if it % log_every == 0 or it == stop_at():
-            now = time.perf_counter()
-            wl, ww = float(win_loss), float(win_wrong)
-            record = {"loss": wl / win_n, "top1_err": 100.0 * ww / win_n, "lr": lr,
-                      "img_per_s": win_n / max(now - t_last, 1e-9)}
-            if logger is not None:
-                logger.log(record, step=it, prefix="train/")
-            if progress is not None:
-                progress.set_postfix(loss=f"{record['loss']:.3f}", err=f"{record['top1_err']:.1f}%",
-                                     img_s=f"{record['img_per_s']:.0f}", lr=f"{lr:.3g}")
-            tot_loss, tot_wrong, tot_n = tot_loss + wl, tot_wrong + ww, tot_n + win_n
-            win_loss.zero_()
-            win_wrong.zero_()
-            t_last, win_n = now, 0
-        if progress is not None:
-            progress.update(1)
-        if on_iteration_end is not None:
-            on_iteration_end(it)
-    if win_n:
-        tot_loss, tot_wrong, tot_n = tot_loss + float(win_loss), tot_wrong + float(win_wrong), tot_n + win_n
-    stats = {"loss": tot_loss / tot_n, "top1_err": 100.0 * tot_wrong / tot_n, "n": tot_n} if tot_n else {"n": 0}
-    return it, stats
+    loss_fn = ClassificationLoss(device, amp=amp, channels_last=channels_last, label_smoothing=label_smoothing)
+    return loop.train_one_epoch(model, loss_fn, loader, step, start_iter=start_iter, max_iters=max_iters,
+                                lr_at=lr_at, meter=WindowMeter(device), logger=logger, log_every=log_every,
+                                on_iteration_end=on_iteration_end, progress=progress)
 
 
 @torch.no_grad()

@@ -37,7 +37,8 @@ from .config import dump_yaml
 from .logger import RunLogger
 from .budget import TimeBudgetPlan, log_plan
 from .optim import build_optimizer, lr_factor, set_lr
-from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
+from .run_config import RunConfig
+from .runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
 )
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClsTrainConfig:
+class ClsTrainConfig(RunConfig):
     """Every option of a classification run (the tool's flags, one to one; ``config.yaml`` holds them)."""
 
     output: str = "runs/cls"
@@ -79,18 +80,8 @@ class ClsTrainConfig:
     label_smoothing: float = 0.0
     drop_rate: float = 0.0
     grad_clip: Optional[float] = None
-    amp: str = "none"
-    channels_last: bool = False
     workers: Optional[int] = None  # None: 0 for in-memory sets, min(8, CPUs) for image folders
     threads: Optional[int] = None  # None: torch's default (one per core)
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    resume: Optional[str] = None
-    eval_every: int = 1
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    progress: bool = True
 
     def resolved(self, data: ClsDatasets) -> "ClsTrainConfig":
         """A copy with the automatic values filled in (lr, workers, in_chans, num_classes, device)."""

@@ -27,14 +27,15 @@ from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, wr
 from ..transfer import BackboneFreeze
 from ..visualize import draw_detections
 from . import checkpoint as ckpt_mod
-from .detection import NonFiniteLossError, predict, train_one_epoch
+from .detection import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
 from .distributed import DistInfo, barrier
 from .logger import RunLogger
 from .step import AMP_DTYPES
 from .memory import peak_rss_report
 from .optim import build_optimizer, lr_factor, set_lr
-from .run_common import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
-    EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state,
+from .run_config import DEFAULTS, RunConfig, resolve_device
+from .runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
+    EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
 )
 
@@ -43,7 +44,7 @@ LIBRARY_VERSION = "0.1.0"
 
 
 @dataclass
-class DetTrainConfig:
+class DetTrainConfig(RunConfig):
     """Every option of a detection run (the tool's flags, one to one)."""
 
     output: str = "runs/det"
@@ -74,20 +75,10 @@ class DetTrainConfig:
     grad_clip: Optional[float] = None
     backbone_lr_mult: float = 1.0
     freeze_backbone_iters: int = 0
-    amp: str = "none"
-    channels_last: bool = False
     compile: bool = False
     workers: int = 2
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "cpu"
-    resume: Optional[str] = None
-    checkpoint_every: int = 200
-    eval_every: int = 1
-    log_every: int = 20
-    num_pictures: int = 8
+    num_pictures: int = DEFAULTS["num_pictures"]
     score_thresh_pictures: float = 0.3
-    progress: bool = True
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
     transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
@@ -175,7 +166,7 @@ def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, 
     base = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
     batches = ResumableBatchSampler(GroupedBatchSampler(base, train_set.aspect_ratios(), cfg.batch_size), base)
     common = dict(num_workers=cfg.workers, collate_fn=collate_detection, persistent_workers=cfg.workers > 0,
-                  pin_memory=cfg.device.startswith("cuda"))
+                  pin_memory=resolve_device(cfg.device).startswith("cuda"))
     # A private generator: creating a loader iterator must not consume the global torch RNG, which
     # the model's samplers use and the checkpoint restores.
     train_loader = DataLoader(EpochSeeded(train_set, cfg.seed), batch_sampler=batches,
@@ -291,7 +282,8 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
     from tqdm import tqdm
 
     out = Path(cfg.output)
-    device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device)
+    device_name = resolve_device(cfg.device)
+    device = torch.device(f"cuda:{dist.local_rank}" if device_name == "cuda" else device_name)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -333,80 +325,54 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
                 "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
                 "transfer": cfg.transfer or None}, step=it)
 
-    def save(name="checkpoint_last.pt", pending_eval=False):
+    def save(done: int, name: str = "checkpoint_last.pt", pending_eval: bool = False) -> None:
         if dist.is_main:
-            payload = checkpoint_payload(model, optimizer, scaler, it_box[0], it_box[0] // iters_per_epoch,
-                                         cfg, data, best_ap, metrics)
+            payload = checkpoint_payload(model, optimizer, scaler, done, done // iters_per_epoch, cfg, data,
+                                         best_ap, metrics)
             save_run_checkpoint(dict(payload, pending_eval=pending_eval), out, name)
         barrier()
 
-    def eval_due(i: int) -> bool:
-        return data.val_loader is not None and (
-            i >= max_iters or (i % iters_per_epoch == 0 and (i // iters_per_epoch) % cfg.eval_every == 0))
-
-    it_box = [it]
-    bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
-               dynamic_ncols=True)
-    with SignalFlag() as sig:
-
-        def on_end(done: int) -> None:
+    def train_epoch(start: int, on_end) -> int:
+        def on_iteration_end(done: int) -> None:
             nonlocal runner
-            it_box[0] = done
             if freezer is not None and freezer.update(done):  # released: DDP must see the new parameters
                 runner = wrap() if not cfg.compile else torch.compile(wrap())
                 logger.log({"event": "backbone_unfrozen"}, step=done)
-            periodic = done % cfg.checkpoint_every == 0
-            if periodic:
-                save(pending_eval=eval_due(done))
-            if stop_requested(sig):  # all ranks agree, so all stop here
-                stop(done, "training", saved=periodic)
+            on_end(done)
 
-        def stop(done: int, during: str, saved: bool = False) -> None:
-            if not saved:
-                save(pending_eval=eval_due(done))
-            logger.log({"event": "preempted", "signal": sig.signum, "during": during}, step=done)
-            raise Preempted(f"signal {sig.signum or '(on another rank)'} at iteration {done} (during {during}); "
-                            f"checkpoint written to {out}")
+        return train_one_epoch(
+            runner, data.train_loader, optimizer, device=device, start_iter=start, max_iters=max_iters,
+            lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
+                i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
+                milestones=cfg.milestones)),
+            amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
+            logger=logger, log_every=cfg.log_every, on_iteration_end=on_iteration_end, progress=bar,
+        )
 
-        try:
-            while pending_eval or it < max_iters:
-                if not pending_eval:  # a run resumed with its evaluation pending evaluates first
-                    epoch = it // iters_per_epoch
-                    data.train_sampler.set_epoch(epoch)
-                    data.train_sampler.skip(it - epoch * iters_per_epoch)
-                    it = train_one_epoch(
-                        runner, data.train_loader, optimizer, device=device, start_iter=it, max_iters=max_iters,
-                        lr_at=lambda i: set_lr(optimizer, cfg.lr, lr_factor(
-                            i, max_iters=max_iters, warmup_iters=cfg.warmup_iters, schedule=cfg.schedule,
-                            milestones=cfg.milestones)),
-                        amp=cfg.amp, scaler=scaler, grad_clip=cfg.grad_clip, channels_last=cfg.channels_last,
-                        logger=logger, log_every=cfg.log_every, on_iteration_end=on_end, progress=bar,
-                    )
-                    it_box[0] = it
-                    if it % iters_per_epoch == 0 and it % cfg.checkpoint_every:
-                        save(pending_eval=eval_due(it))
-                pending_eval = False
-                if eval_due(it):
-                    try:
-                        metrics = evaluate(runner, data, cfg, device, out, is_main=dist.is_main,
-                                           progress=cfg.progress, iteration=it)
-                    except Preempted:
-                        stop(it, "evaluation")
-                    if dist.is_main and metrics is not None:
-                        logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=it, prefix="val/")
-                        if metrics["AP"] > best_ap:
-                            best_ap = metrics["AP"]
-                            save("checkpoint_best.pt")
-                        else:
-                            barrier()
-                    else:
-                        barrier()
-            save()
-            logger.log({"event": "end", **peak_rss_report()}, step=it)
-        except NonFiniteLossError:
-            logger.log({"event": "stopped_non_finite"}, step=it_box[0])
-            raise
-        finally:
-            bar.close()
-            logger.close()
+    def after_epoch(done: int, last: bool) -> None:
+        nonlocal best_ap, metrics
+        due = last or (done % iters_per_epoch == 0 and (done // iters_per_epoch) % cfg.eval_every == 0)
+        if data.val_loader is None or not due:
+            return
+        metrics = evaluate(runner, data, cfg, device, out, is_main=dist.is_main, progress=cfg.progress,
+                           iteration=done)
+        if dist.is_main and metrics is not None:
+            logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=done, prefix="val/")
+            if metrics["AP"] > best_ap:
+                best_ap = metrics["AP"]
+                save(done, "checkpoint_best.pt")
+                return
+        barrier()
+
+    bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
+               dynamic_ncols=True)
+    try:
+        it = run_epochs(start_iter=it, max_iters=max_iters, iters_per_epoch=iters_per_epoch,
+                        sampler=data.train_sampler, train_epoch=train_epoch, save=save, after_epoch=after_epoch,
+                        checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval,
+                        checkpoint_before_eval=True)
+        logger.log({"event": "end", **peak_rss_report()}, step=it)
+    finally:
+        bar.close()
+        logger.close()
     return metrics or {}

@@ -5,24 +5,14 @@
 """
 from __future__ import annotations
 
-import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
-from .distributed import all_reduce_mean
-from .faults import fault_point
+from . import loop
+from .loop import DetectionLoss, to_device  # noqa: F401  (to_device re-exported)
 from .step import AMP_DTYPES, NonFiniteLossError, OptimizerStep, autocast  # noqa: F401  (re-exported)
-
-
-def to_device(images: torch.Tensor, targets: Sequence[dict], device: torch.device, channels_last: bool = False):
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    moved = [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-             for t in targets]
-    return images, moved
 
 
 def train_one_epoch(
@@ -44,7 +34,9 @@ def train_one_epoch(
     max_bad_steps: int = 5,
     progress=None,
 ) -> int:
-    """Run one pass over ``loader`` (or until ``max_iters``); return the next iteration index.
+    """One pass of :func:`~.loop.train_one_epoch` over ``(images, image_sizes, targets)`` batches with the
+    detectors' loss (:class:`~.loop.DetectionLoss`, the sum of the model's loss dict); return the next
+    iteration index.
 
     Args:
         max_iters: the iteration to stop at, or a callable returning it (read before every iteration,
@@ -56,39 +48,11 @@ def train_one_epoch(
             :class:`NonFiniteLossError`; with fp16 the scaler's own skip logic applies instead.
         progress: an optional tqdm bar, advanced by one per iteration with loss and img/s.
     """
-    model.train()
-    it = start_iter
     step = OptimizerStep(optimizer, model.parameters(), scaler=scaler, grad_clip=grad_clip,
                          max_bad_steps=max_bad_steps, logger=logger)
-    t_last, n_imgs = time.perf_counter(), 0
-    def limit() -> int:
-        return int(max_iters()) if callable(max_iters) else int(max_iters)
-
-    for images, image_sizes, targets in loader:
-        if it >= limit():
-            break
-        fault_point("batch", it)
-        lr = lr_at(it)
-        images, targets = to_device(images, targets, device, channels_last)
-        with autocast(device, amp):
-            losses: Dict[str, torch.Tensor] = model(images, image_sizes, targets)
-        loss = sum(losses.values())
-        step(loss, it, lambda: {k: float(v.detach()) for k, v in losses.items()})
-        it += 1
-        n_imgs += images.shape[0]
-        if it % log_every == 0 or it == limit():
-            now = time.perf_counter()
-            record = {k: float(all_reduce_mean(v.detach())) for k, v in losses.items()}
-            record.update(loss=sum(record.values()), lr=lr, img_per_s=n_imgs / max(now - t_last, 1e-9))
-            if logger is not None:
-                logger.log(record, step=it, prefix="train/")
-            if progress is not None:
-                progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['img_per_s']:.1f}", lr=f"{lr:.2g}")
-            t_last, n_imgs = now, 0
-        if progress is not None:
-            progress.update(1)
-        if on_iteration_end is not None:
-            on_iteration_end(it)
+    it, _ = loop.train_one_epoch(model, DetectionLoss(device, amp=amp, channels_last=channels_last), loader, step,
+                                 start_iter=start_iter, max_iters=max_iters, lr_at=lr_at, logger=logger,
+                                 log_every=log_every, on_iteration_end=on_iteration_end, progress=progress)
     return it
 
 

@@ -37,7 +37,8 @@ from .detection import train_one_epoch
 from .localization import LossAdapter, evaluate, make_eval_loader
 from .logger import RunLogger
 from .optim import build_optimizer, lr_factor, set_lr
-from .run_common import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
+from .run_config import DEFAULTS, RunConfig, resolve_device
+from .runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
 )
@@ -47,7 +48,7 @@ METRIC_KEYS = ("top1_loc_err", "top5_loc_err", "top1_cls_err", "top5_cls_err", "
 
 
 @dataclass
-class LocTrainConfig:
+class LocTrainConfig(RunConfig):
     """Every option of a localization run (the tool's flags, one to one; ``config.yaml`` holds them)."""
 
     output: str = "runs/loc"
@@ -89,20 +90,10 @@ class LocTrainConfig:
     cls_weight: float = 1.0
     l1_weight: float = 5.0
     giou_weight: float = 2.0
-    amp: str = "none"
-    channels_last: bool = False
     workers: int = 0
     cache_images: float = 0.0  # megabytes of decoded images kept per split
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "cpu"
-    resume: Optional[str] = None
-    checkpoint_every: int = 200
-    eval_every: int = 1
-    log_every: int = 20
-    num_pictures: int = 16
+    num_pictures: int = DEFAULTS["num_pictures"]
     tta_flip: bool = False
-    progress: bool = True
     localizer_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_localizer)
     transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
 
@@ -227,7 +218,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
     from tqdm import tqdm
 
     out = Path(cfg.output)
-    device = torch.device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

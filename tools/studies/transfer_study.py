@@ -210,7 +210,7 @@ def run_arms(args, budget_s: float, batch_size: int, lr: float, warmup_iters: in
 
     from res_backbone import transfer
     from res_backbone.engine.budget import train_for_budget
-    from res_backbone.engine.run_common import seed_everything
+    from res_backbone.engine.runner import seed_everything
 
     arms, hint = [], None
     for arm in (a for a in ARMS if not args.arms or a.name in args.arms):

@@ -206,7 +206,7 @@ def _optimizer(model):
 def test_training_checkpoints_record_version_name_config_and_refuse_other_archs(tmp_path):
     from res_backbone.data import ClsDatasets
     from res_backbone.engine import cls_run, det_run, loc_run
-    from res_backbone.engine.run_common import restore_training_state, save_run_checkpoint
+    from res_backbone.engine.runner import restore_training_state, save_run_checkpoint
 
     # classification
     cfg = cls_run.ClsTrainConfig(backbone="resnet18", output=str(tmp_path / "cls"))

@@ -1,4 +1,4 @@
-"""What every training run shares (detection, classification, localization).
+"""The one outer loop of every training run (detection, classification, localization) and what it needs.
 
 * :func:`seed_everything` - Python, NumPy and torch seeds (optionally deterministic kernels);
 * :class:`SignalFlag` / :class:`Preempted` / :data:`EXIT_PREEMPTED` - SIGTERM/SIGINT become a flag the
@@ -225,7 +225,7 @@ def run_epochs(
     *, start_iter: int, max_iters: Union[int, Callable[[], int]], iters_per_epoch: int, sampler,
     train_epoch: Callable[[int, Callable[[int], None]], int], save: Callable[..., None],
     after_epoch: Optional[Callable[[int, bool], None]] = None, checkpoint_every: int = 0, logger=None,
-    output: Union[str, Path] = ".", pending_eval: bool = False,
+    output: Union[str, Path] = ".", pending_eval: bool = False, checkpoint_before_eval: bool = False,
 ) -> int:
     """Run epochs until ``max_iters``; return the final iteration count.
 
@@ -245,6 +245,9 @@ def run_epochs(
         logger: a :class:`~.logger.RunLogger` for the ``preempted`` / ``stopped_non_finite`` events.
         pending_eval: the resumed checkpoint was marked ``pending_eval``: run ``after_epoch`` for
             ``start_iter`` before training on.
+        checkpoint_before_eval: write each pass's checkpoint before ``after_epoch`` (marked
+            ``pending_eval``) instead of after it, and after it only at ``max_iters``: a run killed
+            outright (SIGKILL, out of memory) during a long evaluation keeps the pass it trained (detection).
 
     Raises:
         Preempted: SIGTERM/SIGINT arrived; the iteration in flight finished and was checkpointed (or
@@ -252,6 +255,7 @@ def run_epochs(
         NonFiniteLossError: from ``train_epoch``, logged and re-raised.
     """
     it = start_iter
+    last_done = [it]  # the last completed iteration (where a non-finite stop is logged)
 
     def limit() -> int:
         return int(max_iters()) if callable(max_iters) else int(max_iters)
@@ -266,10 +270,11 @@ def run_epochs(
             if not saved:
                 save(done, pending_eval=pending)
             log_event({"event": "preempted", "signal": sig.signum, "during": during}, done)
-            raise Preempted(f"signal {sig.signum} at iteration {done} (during {during}); checkpoint written to "
-                            f"{output}")
+            raise Preempted(f"signal {sig.signum or '(on another rank)'} at iteration {done} (during {during}); "
+                            f"checkpoint written to {output}")
 
         def on_end(done: int) -> None:
+            last_done[0] = done
             periodic = bool(checkpoint_every and done % checkpoint_every == 0 and done % iters_per_epoch
                             and done < limit())
             if periodic:
@@ -277,17 +282,21 @@ def run_epochs(
             if stop_requested(sig):
                 stop(done, "training", pending=done % iters_per_epoch == 0 or done >= limit(), saved=periodic)
 
-        def finish_pass(done: int) -> None:
+        def finish_pass(done: int, resumed: bool = False) -> None:
+            last = done >= limit()
+            if checkpoint_before_eval and not resumed:
+                save(done, pending_eval=True)
             if after_epoch is not None:
                 try:
-                    after_epoch(done, done >= limit())
+                    after_epoch(done, last)
                 except Preempted:
                     stop(done, "evaluation", pending=True)
-            save(done)
+            if last or not checkpoint_before_eval:
+                save(done)
 
         try:
             if pending_eval:
-                finish_pass(it)
+                finish_pass(it, resumed=True)
             while it < limit():
                 epoch = it // iters_per_epoch
                 sampler.set_epoch(epoch)
@@ -295,6 +304,6 @@ def run_epochs(
                 it = train_epoch(it, on_end)
                 finish_pass(it)
         except NonFiniteLossError:
-            log_event({"event": "stopped_non_finite"}, it)
+            log_event({"event": "stopped_non_finite"}, last_done[0])
             raise
     return it
