@@ -16,13 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone.weights.cache import catalogue_rows, format_table  # noqa: E402
-from res_backbone.weights.catalogue import archs  # noqa: E402
-from res_backbone.weights.convert import FORMATS, convert_weights  # noqa: E402
-from res_backbone.weights.files import CheckpointMismatchError, UnreadableWeightsError  # noqa: E402
-from res_backbone.weights.identify import EXIT_MISMATCH, EXIT_OK, EXIT_UNREADABLE, verify_file  # noqa: E402
+from res_backbone.weights.cache import catalogue_rows, format_table
+from res_backbone.weights.catalogue import archs
+from res_backbone.weights.convert import FORMATS, convert_weights
+from res_backbone.weights.files import CheckpointMismatchError, UnreadableWeightsError
+from res_backbone.weights.identify import EXIT_MISMATCH, EXIT_OK, EXIT_UNREADABLE, verify_file
 
 EPILOG = f"""\
 exit status:
