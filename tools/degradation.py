@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from res_backbone.complexity import count_params
     from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
     from res_backbone.engine.checkpoint import atomic_write_text
-    from res_backbone.engine.step import NonFiniteLossError
+    from res_backbone.engine.optim_step import NonFiniteLossError
 
     if args.threads:
         torch.set_num_threads(args.threads)

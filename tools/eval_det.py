@@ -63,8 +63,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from res_backbone.data import CocoDetection, build_eval_transforms, collate_detection
     from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text
     from res_backbone.engine.det_run import DetData, write_pictures
-    from res_backbone.engine.step import autocast
-    from res_backbone.engine.step import AMP_DTYPES
+    from res_backbone.engine.optim_step import autocast
+    from res_backbone.engine.optim_step import AMP_DTYPES
     from res_backbone.evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
     from res_backbone.weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
 

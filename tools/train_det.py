@@ -117,13 +117,6 @@ MODEL_FLAGS = ("fpn_channels", "representation_size", "anchor_sizes", "rpn_pre_n
                "box_detections_per_img")
 
 
-def _model_kwargs(kw: dict) -> dict:
-    kw = dict(kw)
-    if kw.get("anchor_sizes") is not None:
-        kw["anchor_sizes"] = tuple(tuple(a) for a in kw["anchor_sizes"])
-    return kw
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(build_parser(), argv)
@@ -137,47 +130,18 @@ def main(argv=None) -> int:
 
 
 def _train(args: argparse.Namespace, dist) -> int:
-    from heads import build_detector
-    from res_backbone import transfer
+    from heads.detection.run import run
     from res_backbone.engine import config as cfgmod
     from res_backbone.engine import det_run
 
-    out = Path(args.output)
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     cfg.model_kwargs = {k: getattr(args, k) for k in MODEL_FLAGS}
     if cfg.model_kwargs["anchor_sizes"] is not None:  # one size per level on the command line
         cfg.model_kwargs["anchor_sizes"] = [[s] for s in cfg.model_kwargs["anchor_sizes"]]
-    det_run.seed_everything(args.seed + dist.rank, args.deterministic)
-    pretrained = True if args.pretrained == "auto" else args.pretrained
-    # The data decides the class count, the weights decide the normalisation.
-    train_set, val_set = det_run.load_datasets(cfg, dist)
-    # The BN policy follows from the weights (and the batch size) unless --bn-policy/--norm say otherwise.
-    policy, norm, norm_eval = transfer.resolve_bn_policy(args.bn_policy, args.norm, pretrained=bool(pretrained),
-                                                         batch_size=args.batch_size)
-    model = build_detector(
-        backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch, pretrained=pretrained,
-        frozen_stages=args.frozen_stages, norm=norm, **_model_kwargs(cfg.model_kwargs),
-    )
-    # Input channels, mean/std (grey statistics repeated for RGB) and BN policy, logged and recorded.
-    cfg.transfer = transfer.configure_backbone(
-        model.backbone, bn_policy=policy, norm_eval=norm_eval, freeze_backbone_iters=args.freeze_backbone_iters,
-        backbone_lr_mult=args.backbone_lr_mult)
-    if dist.is_main:  # every option's final value, data paths resolved
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = cfgmod.resolved_config(args)
-        resolved.update({k: getattr(cfg, k) for k in ("train_json", "train_images", "val_json", "val_images")})
-        resolved.update(bn_policy=None if policy == "gn" else policy, norm=norm,
-                        frozen_stages=model.backbone.frozen_stages)
-        cfgmod.dump_yaml(resolved, out / "config.yaml")
-    cfg.detector_kwargs = dict(backbone=args.backbone, num_classes=len(train_set.cat_ids), arch=args.arch,
-                               norm=model.backbone.norm, **cfg.model_kwargs)
-    if norm == "sync_bn" and dist.enabled:
-        import torch
-
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    data = det_run.prepare_data(cfg, dist, train_set, val_set, cfg.transfer["mean"], cfg.transfer["std"])
-    metrics = det_run.fit(model, data, cfg, dist)
+    metrics = run(cfg, dist, norm=args.norm, bn_policy=args.bn_policy, frozen_stages=args.frozen_stages,
+                  resolved=cfgmod.resolved_config(args))
+    out = Path(cfg.output)
     if dist.is_main and metrics:
         print(metrics.get("summary", ""))
         print(f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  ->  {out / 'metrics.json'}, "

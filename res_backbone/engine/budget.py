@@ -1,7 +1,7 @@
 """Training to a wall-clock budget, evaluated at fixed fractions of it (equal-time comparisons).
 
-:func:`train_for_budget` runs the shared training loop (:func:`~.detection.train_one_epoch`, which
-drives detectors and, through :class:`~.localization.LossAdapter`, localizers) until ``budget_s``
+:func:`train_for_budget` runs the shared training loop (:func:`~.det_loop.train_one_epoch`, which
+drives detectors and, through :class:`~.loc_eval.LossAdapter`, localizers) until ``budget_s``
 seconds of *training* have passed; evaluation pauses the clock. The learning-rate schedule needs
 the run's length, which depends on the speed, so it is planned from measurements:
 
@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .detection import train_one_epoch
+from .det_loop import train_one_epoch
 from .optim import lr_factor, set_lr
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def train_for_budget(
     Args:
         runner: ``runner(images, image_sizes, targets) -> {loss name: tensor}`` in train mode.
         loader: batches ``(images, image_sizes, targets)``; its batch sampler is ``sampler``.
-        sampler: has ``set_epoch(e)`` and ``skip(k)`` (:class:`~.det_run.ResumableBatchSampler`).
+        sampler: has ``set_epoch(e)`` and ``skip(k)`` (:class:`~res_backbone.data.samplers.ResumableBatchSampler`).
         optimizer: built over the model (frozen parameters included, see :func:`~.optim.build_optimizer`).
         budget_s: seconds of training (evaluation excluded).
         lr: base learning rate; the schedule (``schedule``, ``warmup_iters``, ``milestones``) runs
@@ -151,7 +151,7 @@ def train_for_budget(
         freeze_fraction: share of the planned iterations the backbone stays frozen.
         unfrozen_s_per_iter: expected seconds per unfrozen iteration, for the first plan of a frozen start.
         max_iters: a cap on the plan.
-        amp, channels_last, grad_clip: as for :func:`~.detection.train_one_epoch`.
+        amp, channels_last, grad_clip: as for :func:`~.det_loop.train_one_epoch`.
         clock: the time source: wall-clock (default), or ``time.process_time`` to measure CPU time on a
             machine that other jobs share (one torch thread: about the wall-clock time of an idle machine).
 

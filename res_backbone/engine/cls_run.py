@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from ..data.classification import ClsDatasets, build_cls_datasets
 from ..data.samplers import EpochBatchSampler
 from . import checkpoint as ckpt_mod
-from .classification import evaluate, train_one_epoch
+from .cls_loop import evaluate, train_one_epoch
 from .config import dump_yaml
 from .logger import RunLogger
 from .budget import TimeBudgetPlan, log_plan

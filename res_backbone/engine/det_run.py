@@ -27,10 +27,10 @@ from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, wr
 from ..transfer import BackboneFreeze
 from ..visualize import draw_detections
 from . import checkpoint as ckpt_mod
-from .detection import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
+from .det_loop import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
 from .distributed import DistInfo, barrier
 from .logger import RunLogger
-from .step import AMP_DTYPES
+from .optim_step import AMP_DTYPES
 from .memory import peak_rss_report
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_config import DEFAULTS, RunConfig, resolve_device

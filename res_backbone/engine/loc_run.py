@@ -33,8 +33,8 @@ from ..transfer import BackboneFreeze, input_stats
 from . import checkpoint as ckpt_mod
 from .budget import TimeBudgetPlan, log_plan
 from .det_run import EpochSeeded
-from .detection import train_one_epoch
-from .localization import LossAdapter, evaluate, make_eval_loader
+from .det_loop import train_one_epoch
+from .loc_eval import LossAdapter, evaluate, make_eval_loader
 from .logger import RunLogger
 from .optim import build_optimizer, lr_factor, set_lr
 from .run_config import DEFAULTS, RunConfig, resolve_device

@@ -4,7 +4,7 @@ The loop knows nothing about the task: a ``loss_fn(model, batch) -> LossOutput``
 device, runs the model (under autocast) and computes the loss; a meter turns the per-iteration outputs
 into the logged records. :class:`ClassificationLoss` / :class:`WindowMeter` are the classifiers' pair,
 :class:`DetectionLoss` / :class:`LastLossMeter` the detectors' (and, through
-:class:`~.localization.LossAdapter`, the localizers').
+:class:`~.loc_eval.LossAdapter`, the localizers').
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from .distributed import all_reduce_mean
 from .faults import fault_point
-from .step import OptimizerStep, autocast
+from .optim_step import OptimizerStep, autocast
 
 __all__ = ["ClassificationLoss", "DetectionLoss", "LastLossMeter", "LossOutput", "WindowMeter", "to_device",
            "train_one_epoch"]
@@ -164,7 +164,7 @@ def train_one_epoch(
     Args:
         model: put in train mode; handed to ``loss_fn``.
         loss_fn: ``(model, batch) -> LossOutput`` (moves the batch, runs the model under autocast).
-        step: the :class:`~.step.OptimizerStep` (AMP scaler, grad clip, non-finite guard).
+        step: the :class:`~.optim_step.OptimizerStep` (AMP scaler, grad clip, non-finite guard).
         max_iters: the iteration to stop at, or a callable returning it (read before every iteration,
             so a time budget can re-size the run while it trains).
         lr_at: sets the learning rate for an iteration and returns it (see :mod:`.optim`).

@@ -31,7 +31,7 @@ from . import config as cfgmod
 from .checkpoint import CorruptCheckpointError
 from .config import opt_float, opt_int
 from .runner import EXIT_PREEMPTED, Preempted
-from .step import NonFiniteLossError
+from .optim_step import NonFiniteLossError
 
 __all__ = ["DEFAULTS", "EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_NON_FINITE", "EXIT_PREEMPTED", "EXIT_UNEXPECTED",
            "BadInput", "RunConfig", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool"]

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_mod
 from .faults import fault_point
-from .step import NonFiniteLossError
+from .optim_step import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from res_backbone.engine.step import AMP_DTYPES
+from res_backbone.engine.optim_step import AMP_DTYPES
 
 __all__ = ["AMP_DTYPES", "BenchResult", "DispatchCount", "SYNC_OPS", "autocast", "count_dispatch", "environment",
            "time_interleaved", "write_json"]

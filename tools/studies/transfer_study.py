@@ -284,8 +284,8 @@ def localization_arms(args, ckpt: str, budget_s: float) -> dict:
     from heads.localization import build_localizer, localization_loss
     from res_backbone import transfer
     from res_backbone.engine import loc_run
-    from res_backbone.engine.localization import LossAdapter
-    from res_backbone.engine.localization import evaluate as loc_evaluate
+    from res_backbone.engine.loc_eval import LossAdapter
+    from res_backbone.engine.loc_eval import evaluate as loc_evaluate
     from res_backbone.engine.optim import build_optimizer
 
     t0 = time.perf_counter()

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from res_backbone.data.classification import ClsDatasets
-from res_backbone.engine.classification import evaluate, train_one_epoch
+from res_backbone.engine.cls_loop import evaluate, train_one_epoch
 from res_backbone.engine.cls_run import ClsTrainConfig, check_resume_compatible
-from res_backbone.engine.step import NonFiniteLossError
+from res_backbone.engine.optim_step import NonFiniteLossError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,7 +13,7 @@ from res_backbone.engine import checkpoint as ck
 from res_backbone.engine import faults
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.runner import save_run_checkpoint
-from res_backbone.engine.step import NonFiniteLossError, OptimizerStep, autocast
+from res_backbone.engine.optim_step import NonFiniteLossError, OptimizerStep, autocast
 
 NAN = float("nan")
 

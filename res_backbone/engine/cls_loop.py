@@ -1,4 +1,5 @@
-"""Training and evaluation loops for image classifiers: ``model(images (N, C, H, W)) -> logits (N, K)``.
+"""Classifier loops: a training pass (the shared :func:`~.loop.train_one_epoch` with cross-entropy) and
+the evaluation (top-1/top-5 error, per-class accuracy) of ``model(images (N, C, H, W)) -> logits (N, K)``.
 
 Errors are reported in percent (the paper's tables): ``top1_err = 100 * (1 - top-1 accuracy)``.
 """
@@ -12,7 +13,7 @@ from torch import nn
 
 from . import loop
 from .loop import ClassificationLoss, WindowMeter
-from .step import OptimizerStep, autocast
+from .optim_step import OptimizerStep, autocast
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
@@ -55,7 +56,7 @@ def train_one_epoch(
             and ``train/img_per_s``.
         on_iteration_end: called with the number of completed iterations (checkpointing, signals).
         max_bad_steps: consecutive non-finite losses/gradients tolerated (each step skipped) before
-            :class:`~.step.NonFiniteLossError`.
+            :class:`~.optim_step.NonFiniteLossError`.
         progress: an optional tqdm bar, advanced by one per iteration (loss, img/s, lr; tqdm's ETA).
 
     Returns:

@@ -1,5 +1,5 @@
-"""Loops and outputs of single-object localization: the loss behind the detection loop's protocol,
-prediction over a split, the ILSVRC metrics, and the pictures.
+"""Evaluation of single-object localization: prediction over a split, the ILSVRC metrics and the pictures;
+and :class:`LossAdapter`, the loss behind the detection loop's protocol.
 
 The model is duck-typed: ``model(images) -> {"logits", "boxes"}`` and ``model.predict(images, k[, flip])
 -> {"classes", "scores", "boxes", "class_boxes"}`` (``heads.localization``); batches are
@@ -21,8 +21,8 @@ from ..data.localization import CocoLocalization, collate_localization
 from ..evaluation.localization import localization_errors
 from ..visualize import save_prediction_grid
 from . import checkpoint as ckpt_mod
-from .detection import to_device
-from .step import autocast
+from .det_loop import to_device
+from .optim_step import autocast
 
 __all__ = ["LossAdapter", "compute_metrics", "evaluate", "make_eval_loader", "predict_split", "top1_ious",
            "write_pictures"]
@@ -36,7 +36,7 @@ def make_eval_loader(dataset: CocoLocalization, batch_size: int, workers: int, s
 
 class LossAdapter(nn.Module):
     """``model`` + ``loss_fn`` behind the detection loop's protocol: ``(images, sizes, targets) -> losses``,
-    so :func:`~.detection.train_one_epoch` (AMP, non-finite guard, logging, progress) trains localizers too."""
+    so :func:`~.det_loop.train_one_epoch` (AMP, non-finite guard, logging, progress) trains localizers too."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]]):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Training and evaluation loops for detectors that follow docs/detection_interfaces.md.
+"""Detector loops: a training pass (the shared :func:`~.loop.train_one_epoch`, the sum of the model's
+losses) and prediction over a split, for detectors that follow docs/detection_interfaces.md.
 
 ``model(images, image_sizes, targets)`` returns a dict of losses in train mode and a list of
 ``{"boxes", "scores", "labels"}`` in eval mode; the loops know nothing else about the model.
@@ -12,7 +13,7 @@ from torch import nn
 
 from . import loop
 from .loop import DetectionLoss, to_device  # noqa: F401  (to_device re-exported)
-from .step import AMP_DTYPES, NonFiniteLossError, OptimizerStep, autocast  # noqa: F401  (re-exported)
+from .optim_step import AMP_DTYPES, NonFiniteLossError, OptimizerStep, autocast  # noqa: F401  (re-exported)
 
 
 def train_one_epoch(
