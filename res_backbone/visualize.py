@@ -14,9 +14,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["class_colour", "draw_detections", "render_detections", "save_prediction_grid", "tensor_to_uint8"]
+__all__ = ["SCORE_THRESH", "class_colour", "draw_detections", "render_detections", "save_prediction_grid",
+           "tensor_to_uint8"]
 
 GT_COLOUR = (0, 230, 0)
+SCORE_THRESH = 0.3  # default: predictions scoring below are not drawn
+CAPTION_FONT_SIZE = 10  # px at upscale 1 (where Pillow can scale its default font)
+CAPTION_TEXT_COLOUR = (0, 0, 0)
+GT_DASH = 4  # dash length of the ground-truth boxes, in line widths
+GRID_BACKGROUND = (255, 255, 255)  # the gaps between the tiles of a prediction grid
 ImageLike = Union[np.ndarray, torch.Tensor, Image.Image, str, os.PathLike]
 
 
@@ -95,7 +101,7 @@ def render_detections(
     gt_labels: Any = None,
     class_names: Optional[Sequence[str]] = None,
     *,
-    score_thresh: float = 0.3,
+    score_thresh: float = SCORE_THRESH,
     upscale: int = 1,
     gt_captions: Optional[Sequence[str]] = None,
     pred_captions: Optional[Sequence[str]] = None,
@@ -118,13 +124,13 @@ def render_detections(
         pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
     draw = ImageDraw.Draw(pil)
     try:  # a scalable font where Pillow has FreeType, so captions grow with ``upscale``
-        font = ImageFont.load_default(size=10 * upscale)
+        font = ImageFont.load_default(size=CAPTION_FONT_SIZE * upscale)
     except (TypeError, OSError, ImportError):
         font = ImageFont.load_default()
     line = max(1, upscale)
     gb = _rows(gt_boxes, 4) * upscale  # ground truth is drawn unlabelled (dashed), predictions carry the names
     for j, box in enumerate(gb.tolist()):
-        _dashed_rect(draw, box, GT_COLOUR, line, dash=4 * line)
+        _dashed_rect(draw, box, GT_COLOUR, line, dash=GT_DASH * line)
         if gt_captions is not None and j < len(gt_captions):
             _caption(draw, pil.size, font, str(gt_captions[j]), box[0], box[3] + 1, GT_COLOUR)
     pb, pl, ps = _rows(pred_boxes, 4) * upscale, _rows(pred_labels, 0), _rows(pred_scores, 0)
@@ -158,7 +164,7 @@ def _caption(draw: ImageDraw.ImageDraw, size: Tuple[int, int], font, text: str, 
     y = min(y, max(0, height - th - 3))
     tx = min(max(0, x0), max(0, width - tw - 2))
     draw.rectangle([tx, y, tx + tw + 2, y + th + 2], fill=colour)
-    draw.text((tx + 1 - l, y + 1 - t), text, fill=(0, 0, 0), font=font)
+    draw.text((tx + 1 - l, y + 1 - t), text, fill=CAPTION_TEXT_COLOUR, font=font)
 
 
 def draw_detections(
@@ -170,7 +176,7 @@ def draw_detections(
     gt_labels: Any,
     class_names: Optional[Sequence[str]],
     out_path: Union[str, os.PathLike],
-    score_thresh: float = 0.3,
+    score_thresh: float = SCORE_THRESH,
     *,
     upscale: int = 1,
 ) -> Path:
@@ -190,7 +196,7 @@ def save_prediction_grid(
     class_names: Optional[Sequence[str]],
     out_path: Union[str, os.PathLike],
     *,
-    score_thresh: float = 0.3,
+    score_thresh: float = SCORE_THRESH,
     ncols: int = 4,
     upscale: int = 1,
     pad: int = 4,
@@ -213,7 +219,7 @@ def save_prediction_grid(
     ncols = max(1, min(ncols, len(tiles)))
     nrows = -(-len(tiles) // ncols)
     cw, ch = max(t.width for t in tiles), max(t.height for t in tiles)
-    grid = Image.new("RGB", (ncols * cw + (ncols + 1) * pad, nrows * ch + (nrows + 1) * pad), (255, 255, 255))
+    grid = Image.new("RGB", (ncols * cw + (ncols + 1) * pad, nrows * ch + (nrows + 1) * pad), GRID_BACKGROUND)
     for k, tile in enumerate(tiles):
         r, c = divmod(k, ncols)
         grid.paste(tile, (pad + c * (cw + pad), pad + r * (ch + pad)))

@@ -93,6 +93,17 @@ def test_res_backbone_never_imports_heads():
     assert not {m: ts for m, ts in wrong.items() if ts}
 
 
+def test_nothing_imports_tools():
+    """``tools/`` is the top of the one-way flow: scripts import the packages, never the other way."""
+    wrong = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            wrong += [f"{name} imports {n}" for n in names if n.split(".")[0] == "tools"]
+    assert not wrong
+
+
 def test_model_core_imports_no_engine_and_no_data():
     """The core and everything it imports stay clear of training and data."""
     graph = import_graph()

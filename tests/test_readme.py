@@ -63,7 +63,7 @@ def test_relative_links_parser():
 
 
 COMMAND = re.compile(r"(?:\bpython|\btorchrun[^\n]*?)\s+(tools/[\w/]+\.py)([^\n`|#]*)")
-SUBCOMMANDS = {"tools/bench.py", "tools/weights.py"}
+SUBCOMMANDS = {"tools/bench.py", "tools/make_data.py", "tools/weights.py"}
 
 
 def documented_commands() -> list[tuple[str, str | None, list[str]]]:

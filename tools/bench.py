@@ -17,63 +17,43 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from res_backbone import create_model, get_arch, list_models
-from res_backbone.complexity import count_macs, count_params
+from res_backbone import list_models
 from studies import bench_backbone
-from studies.timing import AMP_DTYPES
+from studies.timing import AMP_DTYPES, environment, write_json
 
 
 def _csv(kind):
     return lambda s: [kind(v) for v in s.split(",") if v]
 
 
-def _write_json(path: str, payload: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
-def _environment(threads: int) -> dict:
-    import timm
-    import torchvision
-
-    return {
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": threads,
-    }
-
-
-def cmd_summary(args: argparse.Namespace) -> None:
-    rows = []
-    for name in args.models or list_models():
-        # CIFAR nets are counted at their own 32x32 input (the paper's Table 6 setting).
-        side = get_arch(name).get("default_cfg", {}).get("input_size", (3, args.image_size))[-1]
-        size = (3, side, side)
-        row = {"model": name, "input_size": side, "params": count_params(create_model(name))}
-        row["macs_v1_5"] = count_macs(create_model(name), size)
-        row["macs_stride_in_1x1"] = count_macs(create_model(name, stride_in_1x1=True), size)
-        rows.append(row)
-    print(f"{'model':<10} {'input':>5} {'params (M)':>10} {'GMACs v1.5':>11} {'GMACs paper':>12}")
-    for r in rows:
-        print(f"{r['model']:<10} {r['input_size']:>5} {r['params'] / 1e6:>10.3f} {r['macs_v1_5'] / 1e9:>11.3f} "
-              f"{r['macs_stride_in_1x1'] / 1e9:>12.3f}")
-    if args.output:
-        _write_json(args.output, {"image_size": args.image_size, "models": rows})
-
-
-def cmd_backbone(args: argparse.Namespace) -> None:
+def _set_up(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
+
+
+def _write(args: argparse.Namespace, runs: list, leave_out=("func", "output")) -> None:
+    if args.output:
+        config = {k: v for k, v in vars(args).items() if k not in leave_out}
+        write_json(args.output, {"command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
+                                 "environment": environment(torch.get_num_threads()), "config": config, "runs": runs})
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    rows = bench_backbone.model_summary(args.models or list_models(), args.image_size)
+    bench_backbone.print_model_summary(rows)
+    if args.output:
+        write_json(args.output, {"image_size": args.image_size, "models": rows})
+
+
+def cmd_backbone(args: argparse.Namespace) -> None:
+    _set_up(args)
     train_bs = 0 if args.no_train else args.train_batch_size
     total = len(args.models) * bench_backbone.count_calls(
         args.batch_sizes, bool(train_bs), args.repeats, args.warmup, args.ablation)
@@ -91,24 +71,13 @@ def cmd_backbone(args: argparse.Namespace) -> None:
             ))
     for run in runs:
         bench_backbone.print_run(run)
-    if args.output:
-        config = {k: v for k, v in vars(args).items() if k not in ("func", "output", "no_progress")}
-        payload = {
-            "command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
-            "environment": _environment(torch.get_num_threads()),
-            "config": config,
-            "runs": runs,
-        }
-        _write_json(args.output, payload)
+    _write(args, runs, leave_out=("func", "output", "no_progress"))
 
 
 def cmd_detector(args: argparse.Namespace) -> None:
     from studies.bench_detector import bench_detector, equivalence_failures, print_run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+    _set_up(args)
     runs = []
     for name in args.models:
         print(f"{name}-FPN at {args.image_size}x{args.image_size} ...", flush=True)
@@ -120,12 +89,7 @@ def cmd_detector(args: argparse.Namespace) -> None:
         ))
     for run in runs:
         print_run(run)
-    if args.output:
-        config = {k: v for k, v in vars(args).items() if k not in ("func", "output")}
-        _write_json(args.output, {
-            "command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
-            "environment": _environment(torch.get_num_threads()), "config": config, "runs": runs,
-        })
+    _write(args, runs)
     failures = [line for run in runs for line in equivalence_failures(run)]
     if failures:
         print("detections beyond the stated float32 tolerance:\n  " + "\n  ".join(failures), file=sys.stderr)
@@ -190,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "detector", help="Faster R-CNN-FPN: ours vs torchvision's, same depth and weights, interleaved",
         description="Times inference and one SGD training step of torchvision's FasterRCNN (resnet_fpn_backbone, "
                     "frozen BN, min_size=max_size=--image-size, its transform included) and ours with the same "
-                    "weights (converted); 'ours' is heads.detection.prepare_for_inference (BN folded, channels-last), "
+                    "weights (converted); 'ours' is res_backbone.prepare_for_inference (BN folded, channels-last), "
                     "'ours_eager' our model as is. In float32 it checks the detections against torchvision's and "
                     "exits 1 beyond the stated tolerance; under --amp it reports each contender's difference from "
                     "its own float32 result.",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from res_backbone.engine.config import opt_int
+from studies.cli import add_fashion_mnist_sgd_args, setup_logging
 
 log = logging.getLogger("degradation")
 
@@ -53,24 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=0.1, help="base learning rate (default 0.1, the paper's)")
     a("--milestones", type=float, nargs="+", default=[0.5, 0.75],
       help="x0.1 at these fractions of --iters (or absolute iterations if >= 1); default 0.5 0.75 (the paper's 32k, 48k of 64k)")
-    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    a("--weight-decay", type=float, default=1e-4, help="weight decay, not on norms and biases (default 1e-4)")
     a("--eval-every", type=int, default=60, help="test error every N iterations and at the end (default 60)")
     a("--log-every", type=int, default=None, help="training-error window in iterations (default: --eval-every)")
-    a("--limit-train", type=opt_int, default=None, help="use the first N training images (default all 60,000)")
     a("--limit-test", type=opt_int, default=2000, help="test error on the first N test images (default 2000; none = all 10,000)")
-    a("--seed", type=int, default=0, help="seed of the initialisation and the mini-batch order (default 0)")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    a("--device", default="cpu", help="cpu, cuda or cuda:N (the data set is moved there whole; default cpu)")
-    a("--data-dir", default=None,
-      help="Fashion-MNIST folder with the four idx files (default $RB_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
     a("--output", default="docs/degradation", help="folder for degradation.png and degradation.json (default docs/degradation)")
-    a("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_fashion_mnist_sgd_args(p, seed_help="seed of the initialisation and the mini-batch order")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.iters <= 0 or args.batch_size <= 0 or args.eval_every < 0 or (args.log_every or 1) <= 0:

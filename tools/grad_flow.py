@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from res_backbone.engine.config import opt_int
+from studies.cli import add_fashion_mnist_sgd_args, setup_logging
 
 log = logging.getLogger("grad_flow")
 
@@ -37,22 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps", type=int, default=100, help="SGD steps between the two measurements (default 100; 0: only at init)")
     a("--batch-size", type=int, default=128, help="mini-batch size of the probe batch and of training (default 128)")
     a("--lr", type=float, default=0.1, help="learning rate of the --steps steps (default 0.1)")
-    a("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    a("--weight-decay", type=float, default=1e-4, help="weight decay, not on norms and biases (default 1e-4)")
-    a("--limit-train", type=opt_int, default=None, help="use the first N training images (default all 60,000)")
-    a("--seed", type=int, default=0, help="seed of the initialisation, the probe batch and the batch order (default 0)")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    a("--device", default="cpu", help="cpu, cuda or cuda:N (the data set is moved there whole; default cpu)")
-    a("--data-dir", default=None,
-      help="Fashion-MNIST folder with the four idx files (default $RB_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
     a("--output", default="docs/grad_flow.png", help="the PNG to write (default docs/grad_flow.png)")
     a("--json", default=None, help="the JSON to write (default: --output with the suffix .json)")
-    a("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_fashion_mnist_sgd_args(p, seed_help="seed of the initialisation, the probe batch and the batch order")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.steps < 0 or args.batch_size <= 0:

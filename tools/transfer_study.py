@@ -36,17 +36,13 @@ Exit codes: 0 done, 2 bad arguments or data not found.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
-from functools import partial
 from pathlib import Path
 
 from res_backbone.engine.config import opt_float
-from studies.transfer_study import (
-    ARMS, apply_quick, arm_budgets, detection_arms, localization_arms, machine_info, markdown_report, plot_curves, pretrain,
-)
+from studies.cli import setup_logging
+from studies.transfer_study import ARMS, apply_quick, markdown_report, run_study
 
 log = logging.getLogger("transfer_study")
 
@@ -106,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -123,39 +119,11 @@ def main(argv=None) -> int:
     import torch
 
     from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
-    from res_backbone.engine.checkpoint import atomic_write_text
 
     torch.set_num_threads(args.threads)
-    out, work = Path(args.output), Path(args.work_dir)
-    start = time.perf_counter()
-    result = {"options": vars(args), "machine": machine_info(), "timings": {}}
-
-    def write() -> None:
-        result["timings"]["total_s"] = round(time.perf_counter() - start, 1)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(result, indent=2) + "\n", out / "transfer.json")
-        atomic_write_text(markdown_report(result) + "\n", out / "transfer.md")
-
+    out = Path(args.output)
     try:
-        t = time.perf_counter()
-        result["pretrain"] = pretrain(args, work)
-        result["timings"]["pretrain_s"] = round(time.perf_counter() - t, 1)
-        write()
-        budgets = arm_budgets(args, time.perf_counter() - start, tasks)
-        log.info("training per arm: %s", {k: f"{v / 60:.2f} min" for k, v in budgets.items()})
-        ckpt = result["pretrain"]["checkpoint"]
-        steps = {"det": ("detection", detection_arms, "AP", "COCO AP (val)", "transfer_det.png", "Detection"),
-                 "loc": ("localization", localization_arms, "top1_loc_err", "top-1 localization error (%)",
-                         "transfer_loc.png", "Localization")}
-        for task in tasks:
-            key, run, metric, ylabel, png, title = steps[task]
-            t = time.perf_counter()
-            result[key] = run(args, ckpt, budgets[task])
-            result["timings"][f"{key}_s"] = round(time.perf_counter() - t, 1)
-            plot_curves(result[key]["arms"], metric, ylabel, out / png,
-                        f"{title} on unseen Fashion-MNIST items, equal training time per arm",
-                        "training time (min)" if args.clock == "wall" else "training CPU time (min)")
-            write()
+        result = run_study(args, tasks)
     except (FileNotFoundError, FashionMNISTNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2

@@ -5,7 +5,7 @@
     python tools/weights.py verify ~/.cache/torch/hub/checkpoints/resnet50-11ad3fa6.pth
     python tools/weights.py convert resnet50-11ad3fa6.pth r50_tv2.safetensors --to res_backbone
 
-Nothing is downloaded. The catalogue lives in :mod:`res_backbone.weights`; this script only parses
+Nothing is downloaded. The catalogue lives in :mod:`res_backbone.weights.catalogue`; this script only parses
 arguments and prints what :mod:`res_backbone.weights.identify` and :mod:`res_backbone.weights.convert`
 return.
 """
@@ -16,13 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from res_backbone.weights.cache import catalogue_rows, format_table  # noqa: E402
-from res_backbone.weights.catalogue import archs  # noqa: E402
-from res_backbone.weights.convert import FORMATS, convert_weights  # noqa: E402
-from res_backbone.weights.files import CheckpointMismatchError, UnreadableWeightsError  # noqa: E402
-from res_backbone.weights.identify import EXIT_MISMATCH, EXIT_OK, EXIT_UNREADABLE, verify_file  # noqa: E402
+from res_backbone.weights.cache import catalogue_rows, format_table
+from res_backbone.weights.catalogue import archs
+from res_backbone.weights.convert import FORMATS, convert_weights
+from res_backbone.weights.files import CheckpointMismatchError, UnreadableWeightsError
+from res_backbone.weights.identify import EXIT_MISMATCH, EXIT_OK, EXIT_UNREADABLE, verify_file
 
 EPILOG = f"""\
 exit status:

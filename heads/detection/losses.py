@@ -74,16 +74,9 @@ def box_loss(
     raise ValueError(f"box loss must be one of {BOX_LOSSES}, got {kind!r}")
 
 
-def rpn_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    pos_deltas: torch.Tensor,
-    pos_anchors: torch.Tensor,
-    pos_targets: torch.Tensor,
-    box_coder: BoxCoder,
-    kind: str = "smooth_l1",
-    beta: float = 1.0 / 9,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def rpn_loss(logits: torch.Tensor, labels: torch.Tensor, pos_deltas: torch.Tensor, pos_anchors: torch.Tensor,
+             pos_targets: torch.Tensor, box_coder: BoxCoder, kind: str = "smooth_l1", beta: float = 1.0 / 9,
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RPN losses over the sampled anchors.
 
     Args:
@@ -94,21 +87,13 @@ def rpn_loss(
     Returns:
         ``(loss_objectness, loss_rpn_box)``: mean BCE, summed box loss / ``S``.
     """
-    num = max(logits.numel(), 1)
-    objectness = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum") / num
-    return objectness, box_loss(pos_deltas, pos_anchors, pos_targets, box_coder, kind, beta) / num
+    objectness = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
+    return _per_sampled(objectness, logits.numel(), pos_deltas, pos_anchors, pos_targets, box_coder, kind, beta)
 
 
-def fast_rcnn_loss(
-    class_logits: torch.Tensor,
-    labels: torch.Tensor,
-    pos_deltas: torch.Tensor,
-    pos_proposals: torch.Tensor,
-    pos_targets: torch.Tensor,
-    box_coder: BoxCoder,
-    kind: str = "smooth_l1",
-    beta: float = 1.0 / 9,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def fast_rcnn_loss(class_logits: torch.Tensor, labels: torch.Tensor, pos_deltas: torch.Tensor,
+                   pos_proposals: torch.Tensor, pos_targets: torch.Tensor, box_coder: BoxCoder,
+                   kind: str = "smooth_l1", beta: float = 1.0 / 9) -> Tuple[torch.Tensor, torch.Tensor]:
     """Box-head losses over the sampled proposals.
 
     Args:
@@ -119,6 +104,12 @@ def fast_rcnn_loss(
     Returns:
         ``(loss_cls, loss_box)``: mean cross-entropy, summed box loss / ``S``.
     """
-    num = max(labels.numel(), 1)
-    cls = F.cross_entropy(class_logits, labels, reduction="sum") / num
-    return cls, box_loss(pos_deltas, pos_proposals, pos_targets, box_coder, kind, beta) / num
+    cls = F.cross_entropy(class_logits, labels, reduction="sum")
+    return _per_sampled(cls, labels.numel(), pos_deltas, pos_proposals, pos_targets, box_coder, kind, beta)
+
+
+def _per_sampled(cls_sum: torch.Tensor, num_sampled: int, *box_args) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both stages' normalisation: the summed classification loss and the positives' summed
+    :func:`box_loss` (``box_args``), each divided by the number of sampled items (at least 1)."""
+    num = max(num_sampled, 1)
+    return cls_sum / num, box_loss(*box_args) / num

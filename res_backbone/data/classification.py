@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from ..weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
 from .cls_transforms import (  # noqa: F401  (re-exported: one import place for the classification data)
@@ -34,6 +34,7 @@ from .cls_transforms import (  # noqa: F401  (re-exported: one import place for 
 )
 from .images import load_rgb_image
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from .samplers import EpochBatchSampler  # noqa: F401  (re-exported: it was defined here)
 
 PathLike = Union[str, os.PathLike]
 
@@ -211,38 +212,6 @@ def _scan(folder: Path) -> Tuple[List[Path], int]:
             else:
                 others += 1
     return files, others
-
-
-class EpochBatchSampler(Sampler):
-    """Shuffled training batches (the last incomplete one dropped), reproducible per epoch.
-
-    Epoch ``e``'s order is a permutation seeded by ``(seed, e)``, independent of any global RNG, and
-    ``skip(k)`` drops the first ``k`` batches of the next pass: a run resumed mid-epoch sees exactly
-    the batches the interrupted run would have seen.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0):
-        if batch_size < 1 or num_samples < batch_size:
-            raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size}")
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.epoch, self._skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def skip(self, k: int) -> None:
-        self._skip = k
-
-    def __len__(self) -> int:
-        return self.num_samples // self.batch_size
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        b = self.batch_size
-        for i in range(skip, len(self)):
-            yield order[i * b:(i + 1) * b]
 
 
 # ---------------------------------------------------------------------- one entry point

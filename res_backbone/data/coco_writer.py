@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..io import atomic_write_json
 
-__all__ = ["Sample", "coco_layout_paths", "render_once", "write_coco_split"]
+__all__ = ["Sample", "coco_layout_paths", "render_once", "write_coco_split", "write_splits_once"]
 
 PathLike = Union[str, os.PathLike]
 #: one rendered image: uint8 ``(H, W, 3)``, its boxes ``(x0, y0, x1, y1)`` (pixel edges, ``x1``/``y1``
@@ -74,3 +74,18 @@ def render_once(meta_path: Path, meta: dict, paths: Dict[str, str], write: Calla
     write()
     _write_json(meta, meta_path)
     return True
+
+
+def write_splits_once(out: Path, meta_file: str, meta: dict, categories: List[dict], counts: Mapping[str, int],
+                      samples: Callable[[str, int], Iterable[Sample]], description: str, reuse: bool = True) -> bool:
+    """The Fashion-MNIST generators' common end: unless ``out`` holds a complete set made with ``meta``
+    (:func:`render_once`, recorded in ``out/meta_file``), write each ``split`` of ``counts`` from
+    ``samples(split, num)``, its COCO ``info`` saying ``"{description}, {split}"`` and ``meta``'s version and
+    seed. Returns whether it wrote."""
+    def write() -> None:
+        for split, num in counts.items():
+            write_coco_split(out, split, samples(split, num), categories,
+                             {"description": f"{description}, {split}", "version": str(meta["version"]),
+                              "seed": meta["seed"]})
+
+    return render_once(out / meta_file, meta, coco_layout_paths(out), write, reuse)

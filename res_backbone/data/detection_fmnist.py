@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .coco_writer import coco_layout_paths, render_once, write_coco_split
+from .coco_writer import Sample, coco_layout_paths, write_splits_once
 from .fashion_mnist import load_fashion_mnist
 from .localization_fmnist import FASHION_CATEGORIES, item_colour, paste_item, render_background, sample_item_alpha
 from .synthetic import _overlap
@@ -136,14 +136,6 @@ def iter_fmnist_detection(
 fmnist_detection_paths = coco_layout_paths  # where write_fmnist_detection puts its files
 
 
-def _write_split(out: Path, split: str, items: Tuple[np.ndarray, np.ndarray], num_images: int, render: dict) -> None:
-    samples = ((image, boxes, [label + 1 for label in labels], {"fmnist_indices": picked}) for image, boxes, labels, picked
-               in iter_fmnist_detection(split, items, num_images=num_images, **render))
-    write_coco_split(out, split, samples, FASHION_CATEGORIES,
-                     {"description": f"res_backbone Fashion-MNIST detection (test-split items), {split}",
-                      "version": str(_FORMAT_VERSION), "seed": render["seed"]})
-
-
 def write_fmnist_detection(
     out_dir: PathLike, *, root: Optional[PathLike] = None, num_train: int = 2000, num_val: int = 200,
     canvas: int = 128, scale: Sequence[float] = (24.0, 56.0), aspect: float = 0.15, max_items: int = 4,
@@ -174,11 +166,12 @@ def write_fmnist_detection(
             "scale": list(render["scale"]), "items": [int(len(items[0])), int(items[0][:64].sum())]}
     t0 = time.perf_counter()
 
-    def write() -> None:
-        _write_split(out, "train", items, num_train, render)
-        _write_split(out, "val", items, num_val, render)
+    def samples(split: str, num: int) -> Iterator[Sample]:
+        return ((image, boxes, [label + 1 for label in labels], {"fmnist_indices": picked})
+                for image, boxes, labels, picked in iter_fmnist_detection(split, items, num_images=num, **render))
 
-    if render_once(out / "fmnist_det_meta.json", meta, paths, write, reuse):
+    if write_splits_once(out, "fmnist_det_meta.json", meta, FASHION_CATEGORIES, {"train": num_train, "val": num_val},
+                         samples, "res_backbone Fashion-MNIST detection (test-split items)", reuse):
         log.info("Fashion-MNIST detection: %d train + %d val canvases of %d px in %s (%.1fs)", num_train, num_val,
                  canvas, out, time.perf_counter() - t0)
     return paths

@@ -213,7 +213,7 @@ class CocoLocalization(torch.utils.data.Dataset):
 def collate_localization(batch: Sequence[Tuple[torch.Tensor, Dict[str, Any]]]):
     """Stack equally sized images: ``(images (N, 3, h, w), image_sizes [(h, w)] * N, targets)``.
 
-    The triple is the protocol of :func:`res_backbone.engine.detection.train_one_epoch`, so the
+    The triple is the protocol of :func:`res_backbone.engine.loop.train_one_epoch`, so the
     localization run reuses that loop.
     """
     images = torch.stack([b[0] for b in batch])

@@ -33,7 +33,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .coco_writer import coco_layout_paths, render_once, write_coco_split
+from .coco_writer import Sample, coco_layout_paths, write_splits_once
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from .synthetic import _background, _colour
 
@@ -224,14 +224,6 @@ fmnist_localization_paths = coco_layout_paths  # where write_fmnist_localization
 FASHION_CATEGORIES = [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(FASHION_MNIST_CLASSES)]
 
 
-def _write_split(out: Path, split: str, items: Tuple[np.ndarray, np.ndarray], num_images: int, **render) -> None:
-    samples = ((image, [box], [label + 1], {"fmnist_index": idx}) for image, box, label, idx in
-               iter_fmnist_localization(split, num_images=num_images, items=items, **render))
-    write_coco_split(out, split, samples, FASHION_CATEGORIES,
-                     {"description": f"res_backbone Fashion-MNIST localization, {split}",
-                      "version": str(_FORMAT_VERSION), "seed": render["seed"]})
-
-
 def write_fmnist_localization(
     out_dir: PathLike, *, root: Optional[PathLike] = None, num_train: int = 30000, num_val: int = 2000,
     canvas: int = 64, scale: Sequence[float] = (28.0, 56.0), aspect: float = 0.15, seed: int = 0,
@@ -260,13 +252,15 @@ def write_fmnist_localization(
     meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "canvas": canvas,
             "scale": list(scale), "aspect": aspect, "seed": seed, "items": fingerprint}
     t0 = time.perf_counter()
-    render = dict(canvas=canvas, scale=scale, aspect=aspect, seed=seed)
+    items = {"train": train_items, "val": test_items}
 
-    def write() -> None:
-        _write_split(out, "train", train_items, num_train, **render)
-        _write_split(out, "val", test_items, num_val, **render)
+    def samples(split: str, num: int) -> Iterator[Sample]:
+        return ((image, [box], [label + 1], {"fmnist_index": idx}) for image, box, label, idx in
+                iter_fmnist_localization(split, num_images=num, items=items[split], canvas=canvas, scale=scale,
+                                         aspect=aspect, seed=seed))
 
-    if render_once(out / "fmnist_loc_meta.json", meta, paths, write, reuse):
+    if write_splits_once(out, "fmnist_loc_meta.json", meta, FASHION_CATEGORIES, {"train": num_train, "val": num_val},
+                         samples, "res_backbone Fashion-MNIST localization", reuse):
         log.info("Fashion-MNIST localization: %d train + %d val images of %d px in %s (%.1fs)", num_train, num_val,
                  canvas, out, time.perf_counter() - t0)
     return paths

@@ -1,4 +1,5 @@
-"""Aspect-ratio grouped batching (less padding per batch), DDP-safe and deterministic."""
+"""The data samplers, all reproducible from a seed and the epoch: aspect-ratio grouped batching (less
+padding per batch, DDP-safe), shuffled classification batches, and resumable ``(epoch, index)`` batches."""
 from __future__ import annotations
 
 import bisect
@@ -6,10 +7,12 @@ from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["GroupedBatchSampler", "group_by_aspect_ratio", "build_grouped_batch_sampler"]
+__all__ = ["EpochBatchSampler", "GroupedBatchSampler", "ResumableBatchSampler", "build_grouped_batch_sampler",
+           "group_by_aspect_ratio"]
 
 
 def group_by_aspect_ratio(aspect_ratios: Sequence[float], bins: Union[int, Sequence[float], None] = None) -> List[int]:
@@ -126,3 +129,62 @@ def build_grouped_batch_sampler(
     sampler = DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=False)
     return GroupedBatchSampler(sampler, aspect_ratios, batch_size, bins=bins, drop_last=drop_last)
+
+
+class EpochBatchSampler(Sampler):
+    """Shuffled training batches (the last incomplete one dropped), reproducible per epoch.
+
+    Epoch ``e``'s order is a permutation seeded by ``(seed, e)``, independent of any global RNG, and
+    ``skip(k)`` drops the first ``k`` batches of the next pass: a run resumed mid-epoch sees exactly
+    the batches the interrupted run would have seen.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0):
+        if batch_size < 1 or num_samples < batch_size:
+            raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, k: int) -> None:
+        self._skip = k
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        b = self.batch_size
+        for i in range(skip, len(self)):
+            yield order[i * b:(i + 1) * b]
+
+
+class ResumableBatchSampler(Sampler):
+    """Batches of ``(epoch, index)`` keys for :class:`~res_backbone.engine.det_run.EpochSeeded`, reproducible per epoch, with
+    ``skip(k)`` to drop the first ``k`` batches of the next pass (resuming mid-epoch)."""
+
+    def __init__(self, batch_sampler, base_sampler):
+        self.batch_sampler, self.base_sampler = batch_sampler, base_sampler
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.base_sampler.set_epoch(epoch)
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def skip(self, k: int) -> None:
+        self._skip = k
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for i, batch in enumerate(self.batch_sampler):
+            if i >= skip:
+                yield [(self.epoch, idx) for idx in batch]

@@ -139,7 +139,7 @@ def train_for_budget(
     Args:
         runner: ``runner(images, image_sizes, targets) -> {loss name: tensor}`` in train mode.
         loader: batches ``(images, image_sizes, targets)``; its batch sampler is ``sampler``.
-        sampler: has ``set_epoch(e)`` and ``skip(k)`` (:class:`~.det_run.ResumableBatchSampler`).
+        sampler: has ``set_epoch(e)`` and ``skip(k)`` (:class:`~res_backbone.data.samplers.ResumableBatchSampler`).
         optimizer: built over the model (frozen parameters included, see :func:`~.optim.build_optimizer`).
         budget_s: seconds of training (evaluation excluded).
         lr: base learning rate; the schedule (``schedule``, ``warmup_iters``, ``milestones``) runs

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.classification import ClsDatasets, EpochBatchSampler, build_cls_datasets
+from ..data.classification import ClsDatasets, build_cls_datasets
+from ..data.samplers import EpochBatchSampler
 from . import checkpoint as ckpt_mod
 from .cls_loop import evaluate, train_one_epoch
 from .config import dump_yaml

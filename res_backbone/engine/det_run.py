@@ -22,6 +22,7 @@ from ..data import (
     CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
     make_synthetic_coco, synthetic_paths,
 )
+from ..data.samplers import ResumableBatchSampler
 from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
 from ..transfer import BackboneFreeze
 from ..visualize import draw_detections
@@ -137,33 +138,6 @@ class EpochSeeded(torch.utils.data.Dataset):
         if hasattr(transforms, "set_random_seed"):
             transforms.set_random_seed(s)
         return self.dataset[index]
-
-
-class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Batches of ``(epoch, index)`` keys for :class:`EpochSeeded`, reproducible per epoch, with
-    ``skip(k)`` to drop the first ``k`` batches of the next pass (resuming mid-epoch)."""
-
-    def __init__(self, batch_sampler, base_sampler):
-        self.batch_sampler, self.base_sampler = batch_sampler, base_sampler
-        self.epoch, self._skip = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.base_sampler.set_epoch(epoch)
-        if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)
-
-    def skip(self, k: int) -> None:
-        self._skip = k
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        for i, batch in enumerate(self.batch_sampler):
-            if i >= skip:
-                yield [(self.epoch, idx) for idx in batch]
 
 
 def load_datasets(cfg: DetTrainConfig, dist: DistInfo) -> Tuple[CocoDetection, Optional[CocoDetection]]:

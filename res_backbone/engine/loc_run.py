@@ -28,10 +28,11 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from ..data.localization import (
     CocoLocalization, build_loc_eval_transforms, build_loc_train_transforms, collate_localization,
 )
+from ..data.samplers import ResumableBatchSampler
 from ..transfer import BackboneFreeze, input_stats
 from . import checkpoint as ckpt_mod
 from .budget import TimeBudgetPlan, log_plan
-from .det_run import EpochSeeded, ResumableBatchSampler
+from .det_run import EpochSeeded
 from .det_loop import train_one_epoch
 from .loc_eval import LossAdapter, evaluate, make_eval_loader
 from .logger import RunLogger

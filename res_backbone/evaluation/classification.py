@@ -32,6 +32,7 @@ PROTOCOLS = ("center", "10crop", "multiscale")
 PAPER_TRAIN_SIZE = 224
 PAPER_RESIZE = 256
 PAPER_SCALES = (224, 256, 384, 480, 640)
+TEN_CROP_VIEWS = 10  # four corners and the centre, and their mirrors
 Fill = Union[float, Sequence[float]]
 Models = Union[Mapping[str, nn.Module], Sequence[nn.Module]]
 
@@ -198,7 +199,7 @@ def ten_crop_scores(model: nn.Module, images: torch.Tensor, crop: int, interpola
     """The mean of the softmax probabilities of the ten views of :func:`ten_crop_views`, ``(N, K)``."""
     n = images.shape[0]
     probs = class_logits(model, ten_crop_views(images, crop, interpolation)).softmax(dim=1)
-    return probs.view(10, n, -1).mean(dim=0)
+    return probs.view(TEN_CROP_VIEWS, n, -1).mean(dim=0)
 
 
 def dense_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

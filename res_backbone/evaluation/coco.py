@@ -32,12 +32,15 @@ from pycocotools.cocoeval import COCOeval
 
 from ..io import atomic_write_json
 
-__all__ = ["STAT_NAMES", "UNDEFINED_NOTE", "coco_evaluate", "gather_results", "load_coco_gt", "to_coco_results",
+__all__ = ["STAT_NAMES", "UNDEFINED", "UNDEFINED_NOTE", "coco_evaluate", "gather_results", "load_coco_gt", "to_coco_results",
            "write_detections_json"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+UNDEFINED = -1.0  # pycocotools' value of a stat (or a precision entry) that is undefined
 UNDEFINED_NOTE = ("-1 = undefined (pycocotools' convention): no non-crowd ground truth in that category or area "
                   "range, so there is nothing to find; 0 = there was ground truth and none of it was found")
+# indices into COCOeval's precision array: area range "all" and the largest maxDets (100)
+_AREA_ALL, _MAX_DETS_LARGEST = 0, -1
 
 
 def _as_float_list(t: Any) -> List[float]:
@@ -182,8 +185,8 @@ def coco_evaluate(
     if unknown:
         raise ValueError(f"img_ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not in the ground truth")
 
-    stats = dict.fromkeys(STAT_NAMES, -1.0)
-    per_class = {str(n): -1.0 for n in class_names}
+    stats = dict.fromkeys(STAT_NAMES, UNDEFINED)
+    per_class = {str(n): UNDEFINED for n in class_names}
     if not eval_ids or not cat_ids:
         summary = (f"COCO eval: no images or no categories to evaluate ({len(eval_ids)} images, {len(cat_ids)} "
                    f"categories); all stats -1\n{UNDEFINED_NOTE}")
@@ -203,8 +206,8 @@ def coco_evaluate(
     # precision: [T iou thresholds, R recall points, K categories, A area ranges, M max dets]
     precision = ev.eval["precision"]
     for k, name in enumerate(class_names):
-        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100
-        per_class[str(name)] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+        p = precision[:, :, k, _AREA_ALL, _MAX_DETS_LARGEST]
+        per_class[str(name)] = float(p[p > UNDEFINED].mean()) if (p > UNDEFINED).any() else UNDEFINED
     width = max([len(str(n)) for n in class_names] + [5])
     lines = [buf.getvalue().rstrip(), "", f"{'class':<{width}}  AP@[.5:.95]"]
     lines += [f"{n:<{width}}  {v:.3f}" if v >= 0 else f"{n:<{width}}  -1 (no ground truth)"

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from res_backbone.complexity import count_macs, count_params
 from res_backbone.inference import prepare_for_inference
-from res_backbone.registry import create_model
+from res_backbone.registry import create_model, get_arch
 
 from .timing import AMP_DTYPES, BenchResult, autocast, time_interleaved
 
@@ -274,3 +275,26 @@ def markdown_report(payload: dict) -> str:
         if run.get("attribution"):
             lines += ["", "Where the gain comes from:", ""] + [f"* {line}" for line in attribution_lines(run)]
     return "\n".join(lines) + "\n"
+
+
+def model_summary(names: Sequence[str], image_size: int = 224) -> List[dict]:
+    """Parameters and multiply-adds of each model, for both bottleneck stride placements (``bench.py summary``).
+
+    CIFAR nets are counted at their own 32x32 input (the paper's Table 6 setting), the others at ``image_size``.
+    """
+    rows = []
+    for name in names:
+        side = get_arch(name).get("default_cfg", {}).get("input_size", (3, image_size))[-1]
+        size = (3, side, side)
+        row = {"model": name, "input_size": side, "params": count_params(create_model(name))}
+        row["macs_v1_5"] = count_macs(create_model(name), size)
+        row["macs_stride_in_1x1"] = count_macs(create_model(name, stride_in_1x1=True), size)
+        rows.append(row)
+    return rows
+
+
+def print_model_summary(rows: Sequence[dict]) -> None:
+    print(f"{'model':<10} {'input':>5} {'params (M)':>10} {'GMACs v1.5':>11} {'GMACs paper':>12}")
+    for r in rows:
+        print(f"{r['model']:<10} {r['input_size']:>5} {r['params'] / 1e6:>10.3f} {r['macs_v1_5'] / 1e9:>11.3f} "
+              f"{r['macs_stride_in_1x1'] / 1e9:>12.3f}")

@@ -9,16 +9,40 @@ one call: what a GPU at batch 1 is bound by.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from res_backbone.engine.optim_step import AMP_DTYPES
 
-__all__ = ["AMP_DTYPES", "BenchResult", "DispatchCount", "SYNC_OPS", "autocast", "count_dispatch", "time_interleaved"]
+__all__ = ["AMP_DTYPES", "BenchResult", "DispatchCount", "SYNC_OPS", "autocast", "count_dispatch", "environment",
+           "time_interleaved", "write_json"]
+
+
+def environment(threads: int) -> dict:
+    """Library versions, CPU and thread count: what a benchmark's numbers were measured with."""
+    import timm
+    import torchvision
+
+    return {
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": threads,
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` as indented JSON (parent folders created) and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def autocast(device: torch.device, amp: str):

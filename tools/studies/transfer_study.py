@@ -1,7 +1,7 @@
 """The transfer study's arms and its report: table, curves, machine description (``tools/transfer_study.py``).
 
 Four ways to start a task head's training, compared at equal wall-clock budget
-(:func:`~.budget.train_for_budget`):
+(:func:`~res_backbone.engine.budget.train_for_budget`):
 
 ==========================  ====================================================================
 ``scratch``                 random initialisation, BatchNorm trainable
@@ -13,6 +13,7 @@ Four ways to start a task head's training, compared at equal wall-clock budget
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 from res_backbone.engine.config import load_yaml
 
 __all__ = ["ARMS", "Arm", "apply_quick", "arm_budgets", "detection_arms", "det_model_config", "final_point", "localization_arms",
-           "machine_info", "markdown_report", "plot_curves", "pretrain", "run_arms"]
+           "machine_info", "markdown_report", "plot_curves", "pretrain", "run_arms", "run_study"]
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger("transfer_study")
@@ -333,3 +334,44 @@ def arm_budgets(args, spent_s: float, tasks) -> dict:
             raise ValueError(f"--budget-minutes {args.budget_minutes:g} leaves {out[t]:.0f} s per {t} arm after "
                              f"{spent_s / 60:.1f} min of pre-training and set-up; raise it or set --{t}-minutes")
     return out
+
+
+def run_study(args, tasks: Sequence[str]) -> dict:
+    """Steps 1-3 of ``tools/transfer_study.py`` for ``tasks`` (``det``, ``loc``); returns the result.
+
+    Writes ``transfer.json`` and ``transfer.md`` into ``args.output`` after every step, and a PNG of
+    the curves per task. Raises ``FileNotFoundError`` / ``FashionMNISTNotFoundError`` / ``ValueError``
+    on missing data or a budget too small.
+    """
+    from res_backbone.io import atomic_write_text
+
+    out, work = Path(args.output), Path(args.work_dir)
+    start = time.perf_counter()
+    result = {"options": vars(args), "machine": machine_info(), "timings": {}}
+
+    def write() -> None:
+        result["timings"]["total_s"] = round(time.perf_counter() - start, 1)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(result, indent=2) + "\n", out / "transfer.json")
+        atomic_write_text(markdown_report(result) + "\n", out / "transfer.md")
+
+    t = time.perf_counter()
+    result["pretrain"] = pretrain(args, work)
+    result["timings"]["pretrain_s"] = round(time.perf_counter() - t, 1)
+    write()
+    budgets = arm_budgets(args, time.perf_counter() - start, tasks)
+    log.info("training per arm: %s", {k: f"{v / 60:.2f} min" for k, v in budgets.items()})
+    ckpt = result["pretrain"]["checkpoint"]
+    steps = {"det": ("detection", detection_arms, "AP", "COCO AP (val)", "transfer_det.png", "Detection"),
+             "loc": ("localization", localization_arms, "top1_loc_err", "top-1 localization error (%)",
+                     "transfer_loc.png", "Localization")}
+    for task in tasks:
+        key, run, metric, ylabel, png, title = steps[task]
+        t = time.perf_counter()
+        result[key] = run(args, ckpt, budgets[task])
+        result["timings"][f"{key}_s"] = round(time.perf_counter() - t, 1)
+        plot_curves(result[key]["arms"], metric, ylabel, out / png,
+                    f"{title} on unseen Fashion-MNIST items, equal training time per arm",
+                    "training time (min)" if args.clock == "wall" else "training CPU time (min)")
+        write()
+    return result

@@ -1,5 +1,4 @@
-"""Classification data: the Fashion-MNIST path, ImageFolder trees and their errors, transforms, the sampler."""
-import numpy as np
+"""Classification data: the Fashion-MNIST path, ImageFolder trees and their errors, transforms."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +6,7 @@ from PIL import Image
 
 from res_backbone.data import ImageDecodeError
 from res_backbone.data.classification import (
-    ClassificationDataError, EpochBatchSampler, ImageFolderClassification, Normalize, RandomHorizontalFlip,
+    ClassificationDataError, ImageFolderClassification, Normalize, RandomHorizontalFlip,
     RandomPadCrop, ResizeCenterCrop, TensorClassification, build_cls_datasets, build_cls_transforms,
 )
 from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError, write_fake_fashion_mnist
@@ -156,22 +155,6 @@ def test_tensor_dataset_checks_shapes():
     grey = TensorClassification(rgb, torch.tensor([0, 1]), in_chans=1)
     expected = (rgb.float() * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(1).round() / 255
     assert torch.allclose(grey[1][0][0], expected[1])
-
-
-def test_epoch_batch_sampler_is_reproducible_and_skips():
-    s = EpochBatchSampler(10, 3, seed=1)
-    first = list(s)
-    assert len(first) == len(s) == 3 and all(len(b) == 3 for b in first)
-    assert len(set(np.concatenate(first).tolist())) == 9
-    assert list(s) == first
-    s.set_epoch(1)
-    second = list(s)
-    assert second != first
-    s.skip(2)
-    assert list(s) == second[2:]
-    assert list(s) == second  # skip applies to one pass only
-    with pytest.raises(ValueError, match="cannot fill one batch"):
-        EpochBatchSampler(2, 3)
 
 
 def test_random_invert_negates_some_images_of_a_batch():
