@@ -42,7 +42,7 @@ from pathlib import Path
 
 from res_backbone import list_models
 from res_backbone.engine.config import opt_int
-from res_backbone.engine.run_config import BadInput, add_optimisation_args, add_run_args, parse_args, run_tool
+from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
 
 log = logging.getLogger("train_loc")
 
@@ -145,11 +145,12 @@ def main(argv=None) -> int:
     return run_tool(lambda: _train(args), log)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from functools import partial
+MODEL_FLAGS = ("grid", "box_channels", "hidden", "drop_rate", "crop_size", "crop_context", "crop_jitter", "box_scale",
+               "first_cls_weight")
 
-    from heads.localization import build_localizer, localization_loss
-    from res_backbone import transfer
+
+def _train(args: argparse.Namespace) -> int:
+    from heads.localization.run import run
     from res_backbone.engine import config as cfgmod
     from res_backbone.engine import loc_run
 
@@ -162,44 +163,9 @@ def _train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    loc_run.seed_everything(args.seed, args.deterministic)
-    train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
-    # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
-    pretrained = {"auto": True, "none": None, "": None}.get(str(args.pretrained).lower(), args.pretrained)
-    if args.cls_checkpoint and (args.bn_policy or args.frozen_stages or args.freeze_backbone_iters
-                                or args.backbone_lr_mult != 1.0):
-        raise ValueError("--cls-checkpoint freezes the backbone and classifier (only the box branch trains); the "
-                         "fine-tuning flags apply to --pretrained")
-    # The BN policy follows from the weights and the batch size unless --bn-policy says otherwise.
-    policy, norm, norm_eval = transfer.resolve_bn_policy(
-        "frozen" if args.cls_checkpoint else args.bn_policy, None,
-        pretrained=bool(pretrained), batch_size=args.batch_size)
-    norm_kw = {} if norm == "bn" or args.cls_checkpoint else {"norm": norm}  # bn: rebuild keywords as before
-    model = build_localizer(
-        cfg.backbone, train_set.num_classes, args.mode, pretrained=pretrained,
-        cls_checkpoint=args.cls_checkpoint, grid=args.grid, input_size=cfg.image_size,
-        box_channels=args.box_channels, hidden=args.hidden, drop_rate=args.drop_rate,
-        crop_size=args.crop_size, crop_context=args.crop_context, crop_jitter=args.crop_jitter,
-        box_scale=args.box_scale, first_cls_weight=args.first_cls_weight, **norm_kw)
-    cfg.transfer = transfer.configure_backbone(
-        model.backbone, bn_policy=policy, norm_eval=norm_eval, frozen_stages=args.frozen_stages,
-        freeze_backbone_iters=args.freeze_backbone_iters, backbone_lr_mult=args.backbone_lr_mult)
-    cfg.backbone = model.build_kwargs["backbone_name"]
-    cfg.localizer_kwargs = dict(model.build_kwargs)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = cfgmod.resolved_config(args)
-    resolved.update({k: getattr(cfg, k) for k in ("backbone", "train_json", "train_images", "val_json",
-                                                  "val_images", "image_size")}, grid=model.build_kwargs["grid"])
-    cfgmod.dump_yaml(resolved, out / "config.yaml")
-    mean, std = loc_run.rgb_stats(model.pretrained_cfg)
-    model.backbone.pretrained_cfg = dict(model.pretrained_cfg, mean=list(mean), std=list(std),
-                                         input_size=[3, cfg.image_size, cfg.image_size])
-    data = loc_run.prepare_data(cfg, train_set, val_set, mean, std)
-    if not 0 <= args.label_smoothing < 1:
-        raise BadInput(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    loss_fn = partial(localization_loss, cls_weight=args.cls_weight, l1_weight=args.l1_weight,
-                      giou_weight=args.giou_weight, label_smoothing=args.label_smoothing)
-    metrics = loc_run.fit(model, loss_fn, data, cfg)
+    metrics = run(cfg, model_options={k: getattr(args, k) for k in MODEL_FLAGS},
+                  label_smoothing=args.label_smoothing,
+                  resolved=cfgmod.resolved_config(args))
     if metrics:
         print(f"top-1 loc err {metrics['top1_loc_err']:.2f}%  top-5 loc err {metrics['top5_loc_err']:.2f}%  "
               f"top-1 cls err {metrics['top1_cls_err']:.2f}%  mean IoU {metrics['mean_iou']:.3f}  "

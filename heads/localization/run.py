@@ -1,0 +1,68 @@
+"""A localization run from its configuration: data, model (:func:`~.build.build_localizer`), transfer
+settings, ``config.yaml``, loss, then :func:`res_backbone.engine.loc_run.fit` (the shared runner)."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+from res_backbone import transfer
+from res_backbone.engine import config as cfgmod
+from res_backbone.engine import loc_run
+
+from . import build_localizer, localization_loss
+
+__all__ = ["run"]
+
+
+def run(cfg: loc_run.LocTrainConfig, *, model_options: dict, label_smoothing: float = 0.0,
+        resolved: Optional[dict] = None) -> dict:
+    """Train and evaluate a localizer per ``cfg``; return the final metrics.
+
+    Args:
+        model_options: :func:`~.build.build_localizer`'s size and crop-pass keywords (``grid``,
+            ``box_channels``, ``hidden``, ``drop_rate``, ``crop_size``, ``crop_context``, ``crop_jitter``,
+            ``box_scale``, ``first_cls_weight``).
+        label_smoothing: the loss's (with ``cfg.cls_weight``, ``cfg.l1_weight`` and ``cfg.giou_weight``).
+        resolved: every option's final value (the tool's flags); written to ``config.yaml`` with the
+            backbone, data paths, image size and grid filled in.
+
+    Raises:
+        ValueError: fine-tuning options with ``cfg.cls_checkpoint``; a label smoothing outside [0, 1).
+        Preempted, NonFiniteLossError: see :func:`res_backbone.engine.loc_run.fit`.
+    """
+    out = Path(cfg.output)
+    loc_run.seed_everything(cfg.seed, cfg.deterministic)
+    train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
+    # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
+    pretrained = {"auto": True, "none": None, "": None}.get(str(cfg.pretrained).lower(), cfg.pretrained)
+    if cfg.cls_checkpoint and (cfg.bn_policy or cfg.frozen_stages or cfg.freeze_backbone_iters
+                               or cfg.backbone_lr_mult != 1.0):
+        raise ValueError("--cls-checkpoint freezes the backbone and classifier (only the box branch trains); the "
+                         "fine-tuning flags apply to --pretrained")
+    # The BN policy follows from the weights and the batch size unless --bn-policy says otherwise.
+    policy, norm, norm_eval = transfer.resolve_bn_policy(
+        "frozen" if cfg.cls_checkpoint else cfg.bn_policy, None, pretrained=bool(pretrained), batch_size=cfg.batch_size)
+    norm_kw = {} if norm == "bn" or cfg.cls_checkpoint else {"norm": norm}  # bn: rebuild keywords as before
+    model = build_localizer(cfg.backbone, train_set.num_classes, cfg.mode, pretrained=pretrained,
+                            cls_checkpoint=cfg.cls_checkpoint, input_size=cfg.image_size, **model_options, **norm_kw)
+    cfg.transfer = transfer.configure_backbone(
+        model.backbone, bn_policy=policy, norm_eval=norm_eval, frozen_stages=cfg.frozen_stages,
+        freeze_backbone_iters=cfg.freeze_backbone_iters, backbone_lr_mult=cfg.backbone_lr_mult)
+    cfg.backbone = model.build_kwargs["backbone_name"]
+    cfg.localizer_kwargs = dict(model.build_kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    if resolved is not None:
+        resolved = dict(resolved)
+        resolved.update({k: getattr(cfg, k) for k in ("backbone", "train_json", "train_images", "val_json",
+                                                      "val_images", "image_size")}, grid=model.build_kwargs["grid"])
+        cfgmod.dump_yaml(resolved, out / "config.yaml")
+    mean, std = loc_run.rgb_stats(model.pretrained_cfg)
+    model.backbone.pretrained_cfg = dict(model.pretrained_cfg, mean=list(mean), std=list(std),
+                                         input_size=[3, cfg.image_size, cfg.image_size])
+    data = loc_run.prepare_data(cfg, train_set, val_set, mean, std)
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
+    loss_fn = partial(localization_loss, cls_weight=cfg.cls_weight, l1_weight=cfg.l1_weight,
+                      giou_weight=cfg.giou_weight, label_smoothing=label_smoothing)
+    return loc_run.fit(model, loss_fn, data, cfg)
