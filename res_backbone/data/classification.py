@@ -34,12 +34,11 @@ from .cls_transforms import (  # noqa: F401  (re-exported: one import place for 
 )
 from .images import load_rgb_image
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from .samplers import EpochBatchSampler  # noqa: F401  (re-exported: it was defined here)
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    "AUGMENTATIONS", "ClassificationDataError", "ClsDatasets", "Compose", "EpochBatchSampler", "FASHION_MNIST_MEAN",
+    "AUGMENTATIONS", "ClassificationDataError", "ClsDatasets", "Compose", "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD", "IMG_EXTENSIONS", "ImageFolderClassification", "Normalize", "RandomHorizontalFlip",
     "RandomPadCrop", "RandomResizedCrop", "ResizeCenterCrop", "TensorClassification", "build_cls_datasets",
     "build_cls_transforms", "fit_stats",
