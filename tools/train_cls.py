@@ -104,13 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(build_parser(), argv)
-    from res_backbone.engine import cls_run
+    from heads.classification import train as cls_run
+    from heads.classification.run import run as run_classification
 
     fields = set(cls_run.ClsTrainConfig.__dataclass_fields__)
     cfg = cls_run.ClsTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
     def body() -> int:
-        metrics = cls_run.run(cfg)
+        metrics = run_classification(cfg)
         if metrics:
             top5, best = metrics.get("top5_err"), metrics.get("best_top1_err")
             print(f"top-1 err {metrics.get('top1_err', float('nan')):.2f}%"

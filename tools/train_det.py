@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 def _train(args: argparse.Namespace, dist) -> int:
     from heads.detection.run import run
     from res_backbone.engine import config as cfgmod
-    from res_backbone.engine import det_run
+    from heads.detection import train as det_run
 
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})

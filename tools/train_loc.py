@@ -152,7 +152,7 @@ MODEL_FLAGS = ("grid", "box_channels", "hidden", "drop_rate", "crop_size", "crop
 def _train(args: argparse.Namespace) -> int:
     from heads.localization.run import run
     from res_backbone.engine import config as cfgmod
-    from res_backbone.engine import loc_run
+    from heads.localization import train as loc_run
 
     out = Path(args.output)
     fields = set(loc_run.LocTrainConfig.__dataclass_fields__)

@@ -1,5 +1,5 @@
 """A localization run from its configuration: data, model (:func:`~.build.build_localizer`), transfer
-settings, ``config.yaml``, loss, then :func:`res_backbone.engine.loc_run.fit` (the shared runner)."""
+settings, ``config.yaml``, loss, then :func:`heads.localization.train.fit` (the shared runner)."""
 from __future__ import annotations
 
 from functools import partial
@@ -8,7 +8,7 @@ from typing import Optional
 
 from res_backbone import transfer
 from res_backbone.engine import config as cfgmod
-from res_backbone.engine import loc_run
+from . import train as loc_run
 
 from . import build_localizer, localization_loss
 
@@ -29,7 +29,7 @@ def run(cfg: loc_run.LocTrainConfig, *, model_options: dict, label_smoothing: fl
 
     Raises:
         ValueError: fine-tuning options with ``cfg.cls_checkpoint``; a label smoothing outside [0, 1).
-        Preempted, NonFiniteLossError: see :func:`res_backbone.engine.loc_run.fit`.
+        Preempted, NonFiniteLossError: see :func:`heads.localization.train.fit`.
     """
     out = Path(cfg.output)
     loc_run.seed_everything(cfg.seed, cfg.deterministic)

@@ -8,33 +8,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from ..data import (
+from res_backbone.data import (
     CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
     make_synthetic_coco, synthetic_paths,
 )
-from ..data.samplers import ResumableBatchSampler
-from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
-from ..transfer import BackboneFreeze
-from ..visualize import draw_detections
-from . import checkpoint as ckpt_mod
-from .det_loop import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
-from .distributed import DistInfo, barrier
-from .logger import RunLogger
-from .optim_step import AMP_DTYPES
-from .memory import peak_rss_report
-from .optim import build_optimizer, lr_factor, set_lr
-from .run_config import DEFAULTS, RunConfig, resolve_device
-from .runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
+from res_backbone.data.samplers import EpochSeeded, ResumableBatchSampler
+from res_backbone.evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
+from res_backbone.transfer import BackboneFreeze
+from res_backbone.visualize import draw_detections
+from res_backbone.engine import checkpoint as ckpt_mod
+from res_backbone.engine.det_loop import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
+from res_backbone.engine.distributed import DistInfo, barrier
+from res_backbone.engine.logger import RunLogger
+from res_backbone.engine.optim_step import AMP_DTYPES
+from res_backbone.engine.memory import peak_rss_report
+from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
+from res_backbone.engine.run_config import DEFAULTS, RunConfig, resolve_device
+from res_backbone.engine.runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
     EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
 )
@@ -115,29 +113,6 @@ def resolve_data_paths(cfg: DetTrainConfig, is_main: bool = True) -> DetTrainCon
     cfg.train_json, cfg.train_images = paths["train_json"], paths["train_images"]
     cfg.val_json, cfg.val_images = paths["val_json"], paths["val_images"]
     return cfg
-
-
-class EpochSeeded(torch.utils.data.Dataset):
-    """Wraps a dataset so item ``(epoch, index)`` is produced with its augmentation RNG seeded from
-    ``(seed, epoch, index)``: the same sample gets the same augmentation whichever worker loads it,
-    whether the run was resumed or not (what makes a resumed run's losses equal an uninterrupted one's).
-    """
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        s = (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**31
-        random.seed(s)
-        np.random.seed(s)
-        transforms = getattr(self.dataset, "transforms", None)
-        if hasattr(transforms, "set_random_seed"):
-            transforms.set_random_seed(s)
-        return self.dataset[index]
 
 
 def load_datasets(cfg: DetTrainConfig, dist: DistInfo) -> Tuple[CocoDetection, Optional[CocoDetection]]:

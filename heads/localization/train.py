@@ -25,20 +25,20 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from ..data.localization import (
+from res_backbone.data.localization import (
     CocoLocalization, build_loc_eval_transforms, build_loc_train_transforms, collate_localization,
 )
-from ..data.samplers import ResumableBatchSampler
-from ..transfer import BackboneFreeze, input_stats
-from . import checkpoint as ckpt_mod
-from .budget import TimeBudgetPlan, log_plan
-from .det_run import EpochSeeded
-from .det_loop import train_one_epoch
-from .loc_eval import LossAdapter, evaluate, make_eval_loader
-from .logger import RunLogger
-from .optim import build_optimizer, lr_factor, set_lr
-from .run_config import DEFAULTS, RunConfig, resolve_device
-from .runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
+from res_backbone.data.samplers import ResumableBatchSampler
+from res_backbone.transfer import BackboneFreeze, input_stats
+from res_backbone.engine import checkpoint as ckpt_mod
+from res_backbone.engine.budget import TimeBudgetPlan, log_plan
+from res_backbone.data.samplers import EpochSeeded
+from res_backbone.engine.det_loop import train_one_epoch
+from .evaluate import LossAdapter, evaluate, make_eval_loader
+from res_backbone.engine.logger import RunLogger
+from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
+from res_backbone.engine.run_config import DEFAULTS, RunConfig, resolve_device
+from res_backbone.engine.runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
 )
@@ -111,7 +111,7 @@ class LocData:
 
 def resolve_data_paths(cfg: LocTrainConfig) -> LocTrainConfig:
     """Fill the four data paths with the built-in Fashion-MNIST set (rendered into ``data_dir``) when none are given."""
-    from ..data.localization_fmnist import write_fmnist_localization
+    from res_backbone.data.localization_fmnist import write_fmnist_localization
 
     given = [cfg.train_json, cfg.train_images, cfg.val_json, cfg.val_images]
     if all(given) or (cfg.train_json and cfg.train_images and not cfg.val_json and not cfg.val_images):
@@ -180,7 +180,7 @@ def _plain(cfg: LocTrainConfig) -> dict:
 
 def checkpoint_payload(model: nn.Module, optimizer, scaler, it: int, iters_per_epoch: int, cfg: LocTrainConfig,
                        data: LocData, state: dict) -> dict:
-    from .. import __version__
+    from res_backbone import __version__
 
     return {
         "model": model.state_dict(),
