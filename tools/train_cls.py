@@ -34,15 +34,13 @@ from pathlib import Path
 
 from res_backbone import list_models
 from res_backbone.engine.config import opt_int
-from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
+from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool, train_parser
 
 log = logging.getLogger("train_cls")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), "
-                                    "e.g. configs/cls/fmnist_resnet20.yaml or a run's config.yaml")
+    p = train_parser(__doc__, "configs/cls/fmnist_resnet20.yaml")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="resnet20", choices=list_models(), metavar="NAME",
                    help=f"registered model: {', '.join(list_models())} (default resnet20)")

@@ -185,8 +185,6 @@ def make_loaders(cfg: ClsTrainConfig, data: ClsDatasets) -> ClsLoaders:
 def checkpoint_payload(model: nn.Module, optimizer, scaler, *, it: int, iters_per_epoch: int, cfg: ClsTrainConfig,
                        data: ClsDatasets, state: dict) -> dict:
     """The checkpoint dict (see the module docstring); ``state`` carries best/metrics/timings."""
-    from res_backbone import __version__
-
     return {
         "model": model.state_dict(),
         "model_name": cfg.backbone,
@@ -194,18 +192,9 @@ def checkpoint_payload(model: nn.Module, optimizer, scaler, *, it: int, iters_pe
         "pretrained_cfg": pretrained_cfg_of(data, cfg.interpolation),
         "classes": list(data.classes),
         "task": "classification",
-        "iter": it,
-        "epoch": it // iters_per_epoch,
-        "config": _plain(cfg),
-        "metrics": dict(state.get("metrics") or {}),
         "best_top1_err": state["best_top1_err"],
-        "best_iter": state["best_iter"],
-        "train_time_s": state["train_time_s"],
-        "plan_max_iters": state.get("plan_max_iters"),
-        "library_version": __version__,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": ckpt_mod.rng_state(),
+        **ckpt_mod.training_fields(optimizer, scaler, it=it, iters_per_epoch=iters_per_epoch, config=_plain(cfg),
+                                   state=state),
     }
 
 

@@ -31,7 +31,7 @@ from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.optim_step import AMP_DTYPES
 from res_backbone.engine.memory import peak_rss_report
 from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
-from res_backbone.engine.run_config import DEFAULTS, RunConfig, resolve_device
+from res_backbone.engine.run_config import FineTuneConfig, SplitData, resolve_device
 from res_backbone.engine.runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
     EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
@@ -42,13 +42,12 @@ LIBRARY_VERSION = "0.1.0"
 
 
 @dataclass
-class DetTrainConfig(RunConfig):
+class DetTrainConfig(FineTuneConfig):
     """Every option of a detection run (the tool's flags, one to one)."""
 
     output: str = "runs/det"
     backbone: str = "resnet50"
     arch: str = "fpn"
-    pretrained: Optional[str] = None
     num_classes: Optional[int] = None
     train_json: Optional[str] = None
     train_images: Optional[str] = None
@@ -71,24 +70,15 @@ class DetTrainConfig(RunConfig):
     milestones: Sequence[float] = (0.67, 0.89)
     warmup_iters: int = 100
     grad_clip: Optional[float] = None
-    backbone_lr_mult: float = 1.0
-    freeze_backbone_iters: int = 0
     compile: bool = False
     workers: int = 2
-    num_pictures: int = DEFAULTS["num_pictures"]
     score_thresh_pictures: float = 0.3
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
-    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
 
 
 @dataclass
-class DetData:
-    train_set: CocoDetection
-    val_set: Optional[CocoDetection]
-    train_loader: DataLoader
-    val_loader: Optional[DataLoader]
-    train_sampler: object
+class DetData(SplitData):
     val_json: Optional[str]
     cat_ids: List[int]
     class_names: List[str]
