@@ -35,8 +35,9 @@ from res_backbone.engine import checkpoint as ckpt_mod
 from res_backbone.engine.cls_loop import evaluate, train_one_epoch
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.budget import TimeBudgetPlan, log_plan
-from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
+from res_backbone.engine.optim import lr_factor, set_lr
 from res_backbone.engine.run_config import RunConfig
+from res_backbone.engine.runner import place_and_optimise
 from res_backbone.engine.runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
@@ -235,11 +236,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
 
     out = Path(cfg.output)
     device = torch.device(cfg.device)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(loaders.train)
     # the schedule's length: --max-iters / --epochs, or sized to --time-budget from the measured speed
     plan = TimeBudgetPlan(cfg.max_iters or cfg.epochs * iters_per_epoch, cfg.time_budget)

@@ -30,8 +30,9 @@ from res_backbone.engine.distributed import DistInfo, barrier
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.optim_step import AMP_DTYPES
 from res_backbone.engine.memory import peak_rss_report
-from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
+from res_backbone.engine.optim import lr_factor, set_lr
 from res_backbone.engine.run_config import FineTuneConfig, SplitData, resolve_device
+from res_backbone.engine.runner import place_and_optimise
 from res_backbone.engine.runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
     EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
@@ -249,12 +250,7 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
     out = Path(cfg.output)
     device_name = resolve_device(cfg.device)
     device = torch.device(f"cuda:{dist.local_rank}" if device_name == "cuda" else device_name)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(data.train_loader)
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.train_json}: no training images (after filtering) for batch size {cfg.batch_size}")

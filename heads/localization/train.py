@@ -36,8 +36,9 @@ from res_backbone.data.samplers import EpochSeeded
 from res_backbone.engine.det_loop import train_one_epoch
 from .evaluate import LossAdapter, evaluate, make_eval_loader
 from res_backbone.engine.logger import RunLogger
-from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
+from res_backbone.engine.optim import lr_factor, set_lr
 from res_backbone.engine.run_config import FineTuneConfig, SplitData, resolve_device
+from res_backbone.engine.runner import place_and_optimise
 from res_backbone.engine.runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
@@ -198,12 +199,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
 
     out = Path(cfg.output)
     device = torch.device(resolve_device(cfg.device))
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(data.train_loader)
     # The schedule's length and where the current pass stops: the cap, or sized to the time budget from
     # the speed measured as training goes (evaluation time is not training time).
