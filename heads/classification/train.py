@@ -17,6 +17,7 @@ load them directly.
 """
 from __future__ import annotations
 
+from contextlib import closing
 import json
 import logging
 import os
@@ -327,13 +328,10 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
                  m["top1_err"], f", top-5 err {m['top5_err']:.2f}%" if m["top5_err"] is not None else "",
                  state["best_top1_err"])
 
-    try:
+    with closing(bar), closing(logger):
         run_epochs(start_iter=it, max_iters=lambda: plan.max_iters, iters_per_epoch=iters_per_epoch, sampler=loaders.sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                    checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
-    finally:
-        bar.close()
-        logger.close()
     return state["metrics"] or {}
 
 
