@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from res_backbone.data.classification import ClsDatasets, build_cls_datasets
 from res_backbone.data.samplers import EpochBatchSampler
 from res_backbone.engine import checkpoint as ckpt_mod
-from res_backbone.engine.cls_loop import evaluate, train_one_epoch
+from .loop import evaluate, train_one_epoch
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.budget import TimeBudgetPlan, log_plan
 from res_backbone.engine.optim import lr_factor, set_lr
