@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from res_backbone.data.classification import ClsDatasets, build_cls_datasets
+from res_backbone.data.preflight import GuardedDataset
 from res_backbone.data.samplers import EpochBatchSampler
 from res_backbone.engine import checkpoint as ckpt_mod
 from .loop import evaluate, train_one_epoch
@@ -176,7 +177,8 @@ def make_loaders(cfg: ClsTrainConfig, data: ClsDatasets) -> ClsLoaders:
                   persistent_workers=cfg.workers > 0)
     # Private generators: creating a loader iterator must not consume the global torch RNG, which
     # augmentation and dropout draw from and the checkpoint restores.
-    train = DataLoader(data.train, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), **common)
+    guarded = GuardedDataset(data.train, cfg.on_bad_image, cfg.output)  # mid-run faults: the policy
+    train = DataLoader(guarded, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), **common)
     val = None
     if data.val is not None:
         val = DataLoader(data.val, batch_size=cfg.batch_size * 2, shuffle=False,

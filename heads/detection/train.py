@@ -21,6 +21,7 @@ from res_backbone.data import (
     CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
     make_synthetic_coco, synthetic_paths,
 )
+from res_backbone.data.preflight import GuardedDataset
 from res_backbone.data.samplers import EpochSeeded, ResumableBatchSampler
 from res_backbone.evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
 from res_backbone.transfer import BackboneFreeze
@@ -136,7 +137,8 @@ def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, 
                   pin_memory=resolve_device(cfg.device).startswith("cuda"))
     # A private generator: creating a loader iterator must not consume the global torch RNG, which
     # the model's samplers use and the checkpoint restores.
-    train_loader = DataLoader(EpochSeeded(train_set, cfg.seed), batch_sampler=batches,
+    guarded = GuardedDataset(train_set, cfg.on_bad_image, cfg.output)  # mid-run faults: the policy
+    train_loader = DataLoader(EpochSeeded(guarded, cfg.seed), batch_sampler=batches,
                               generator=torch.Generator().manual_seed(cfg.seed), **common)
     val_loader = None
     if val_set is not None:
@@ -332,6 +334,6 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
         it = run_epochs(start_iter=it, max_iters=max_iters, iters_per_epoch=iters_per_epoch,
                         sampler=data.train_sampler, train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                         checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval,
-                        checkpoint_before_eval=True)
+                        checkpoint_before_eval=True, fault_checkpoints=not dist.enabled)
         logger.log({"event": "end", **peak_rss_report()}, step=it)
     return metrics or {}

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from res_backbone import transfer
+from res_backbone.data.preflight import finish_report, preflight
 from res_backbone.engine import config as cfgmod
 from res_backbone.engine.config import opt_int
 
@@ -63,6 +64,8 @@ def run(cfg: loc_run.LocTrainConfig, *, model_options: dict, label_smoothing: fl
     out = Path(cfg.output)
     loc_run.seed_everything(cfg.seed, cfg.deterministic)
     train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
+    checked = preflight({"train": train_set, "val": val_set}, mode=cfg.check_images, policy=cfg.on_bad_image,
+              output=cfg.output, progress=cfg.progress)  # every bad image at once, before training
     # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
     pretrained = {"auto": True, "none": None, "": None}.get(str(cfg.pretrained).lower(), cfg.pretrained)
     if cfg.cls_checkpoint and (cfg.bn_policy or cfg.frozen_stages or cfg.freeze_backbone_iters
@@ -94,4 +97,7 @@ def run(cfg: loc_run.LocTrainConfig, *, model_options: dict, label_smoothing: fl
         raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
     loss_fn = partial(localization_loss, cls_weight=cfg.cls_weight, l1_weight=cfg.l1_weight,
                       giou_weight=cfg.giou_weight, label_smoothing=label_smoothing)
-    return loc_run.fit(model, loss_fn, data, cfg)
+    try:
+        return loc_run.fit(model, loss_fn, data, cfg)
+    finally:
+        finish_report(checked, cfg.output)  # + the faults met mid-run

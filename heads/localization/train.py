@@ -29,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from res_backbone.data.localization import (
     CocoLocalization, build_loc_eval_transforms, build_loc_train_transforms, collate_localization,
 )
+from res_backbone.data.preflight import GuardedDataset
 from res_backbone.data.samplers import ResumableBatchSampler
 from res_backbone.transfer import BackboneFreeze, input_stats
 from res_backbone.engine import checkpoint as ckpt_mod
@@ -156,7 +157,8 @@ def prepare_data(cfg: LocTrainConfig, train_set: CocoLocalization, val_set: Opti
     batches = ResumableBatchSampler(BatchSampler(base, cfg.batch_size, drop_last=True), base)
     # A private generator: creating a loader iterator must not consume the global torch RNG (dropout's,
     # restored by the checkpoint); EpochSeeded seeds each item's augmentation from (seed, epoch, index).
-    train_loader = DataLoader(EpochSeeded(train_set, cfg.seed), batch_sampler=batches, num_workers=cfg.workers,
+    guarded = GuardedDataset(train_set, cfg.on_bad_image, cfg.output)  # mid-run faults: the policy
+    train_loader = DataLoader(EpochSeeded(guarded, cfg.seed), batch_sampler=batches, num_workers=cfg.workers,
                               collate_fn=collate_localization, persistent_workers=cfg.workers > 0,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = make_eval_loader(val_set, cfg.batch_size * 2, cfg.workers, cfg.seed) if val_set is not None else None

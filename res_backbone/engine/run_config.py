@@ -34,7 +34,7 @@ from .runner import EXIT_PREEMPTED, Preempted
 from .optim_step import NonFiniteLossError
 
 __all__ = ["DEFAULTS", "EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_NON_FINITE", "EXIT_PREEMPTED", "EXIT_UNEXPECTED",
-           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_model_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "train_parser"]
+           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_image_check_args", "add_model_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "train_parser"]
 
 EXIT_DONE, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 1, 2, 3
 
@@ -59,6 +59,8 @@ class RunConfig:
     eval_every: int = DEFAULTS["eval_every"]
     log_every: int = DEFAULTS["log_every"]
     progress: bool = True
+    check_images: str = "header"  # the pre-flight check of every image (res_backbone.data.preflight)
+    on_bad_image: str = "error"  # error: exit 2 before training; skip: leave bad images out
 
 
 @dataclass
@@ -153,7 +155,20 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str, resume_help: str, c
     if pictures_help is not None:
         r.add_argument("--num-pictures", type=int, default=DEFAULTS["num_pictures"], help=pictures_help)
     r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_image_check_args(r)
     return r
+
+
+def add_image_check_args(g) -> None:
+    """--check-images and --on-bad-image (:mod:`res_backbone.data.preflight`), in the group ``g``."""
+    g.add_argument("--check-images", default="header", choices=("header", "full", "none"),
+                   help="before the first step, check every image the data lists: header (exists, header decodes, "
+                        "size matches the json's width/height, a JPEG/PNG is not cut short; the default), full "
+                        "(decode every pixel), none. Results are cached in the output folder (preflight_cache.json)")
+    g.add_argument("--on-bad-image", default="error", choices=("error", "skip"),
+                   help="error (default): list every bad image in bad_images.json and exit 2 before training; a "
+                        "fault mid-run writes a checkpoint and exits 2. skip: leave bad images out (counted in the "
+                        "log and bad_images.json); a fault mid-run takes the next image instead")
 
 
 def add_optimisation_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr, lr_help: str,
