@@ -212,7 +212,7 @@ def create_model(name: str, *, num_classes: int = 1000, pretrained: Pretrained =
                    **arch_kwargs(arch, **kwargs))
     _load(model, name, arch, pretrained)
     warn_if_frozen_random(model.norm, model.norm_eval, model.frozen_stages, pretrained)
-    model.model_name = name
+    model.model_name, model.model_kwargs = name, dict(kwargs, num_classes=num_classes)  # rebuild facts (weights/hub.py)
     return model
 
 
@@ -256,5 +256,5 @@ def create_backbone(
         model.attach_fpn(FPN(model.output_shape(), out_channels=fpn_channels, p6=fpn_p6))
     _load(model, name, arch, pretrained)
     warn_if_frozen_random(norm, model.norm_eval, frozen_stages, pretrained)
-    model.model_name = name
+    model.model_name, model.model_kwargs = name, dict(kwargs, norm=norm, output_stride=output_stride)
     return model
