@@ -72,14 +72,16 @@ def _write(call) -> int:
     """Run a writing command and print its result's lines, or the error (exit 2 unreadable input, 1 refused)."""
     try:
         res = call()
-    except (FileNotFoundError, UnreadableWeightsError) as e:
+    except (FileNotFoundError, CheckpointMismatchError, ValueError, TypeError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNREADABLE
-    except (CheckpointMismatchError, ValueError, TypeError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_UNREADABLE if isinstance(e, (FileNotFoundError, UnreadableWeightsError)) else 1
     print("\n".join(res.lines()))
     return EXIT_OK
+
+
+def _subcommand(sub, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,verify,convert,export-hub}")
 
-    p = sub.add_parser("list", help="every catalogued weight and where it is present locally",
-                       description="Print the catalogue (file, hash prefix, data config, published accuracy) with the "
-                       "local copies found in the torch hub and Hugging Face caches.")
+    p = _subcommand(sub, "list", help="every catalogued weight and where it is present locally",
+                    description="Print the catalogue (file, hash prefix, data config, published accuracy) with the "
+                    "local copies found in the torch hub and Hugging Face caches.")
     p.add_argument("--arch", choices=archs(), help="only this depth (default all)")
     p.add_argument("--dir", action="append", metavar="DIR",
                    help="also look in DIR: as a plain folder of weight files, as a TORCH_HOME and as a "
@@ -99,23 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (every catalogue field, 'local': paths found)")
     p.set_defaults(func=cmd_list)
 
-    v = sub.add_parser("verify", help="hash files, check them against their names, say which weights they are",
-                       description="Compute each FILE's SHA-256 (streamed). If its name carries a torch-hub hash "
-                       "(resnet50-11ad3fa6.pth) or it is a Hugging Face blob, report MATCH or MISMATCH; name the "
-                       "catalogued weights it is by name and content; read it and say which architecture it fits.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v = _subcommand(sub, "verify", help="hash files, check them against their names, say which weights they are",
+                    description="Compute each FILE's SHA-256 (streamed). If its name carries a torch-hub hash "
+                    "(resnet50-11ad3fa6.pth) or it is a Hugging Face blob, report MATCH or MISMATCH; name the "
+                    "catalogued weights it is by name and content; read it and say which architecture it fits.")
     v.add_argument("files", nargs="+", metavar="FILE", help="checkpoint files (.pth, .pt, .bin, .safetensors)")
     v.add_argument("--no-load", action="store_true", help="only hash; do not read the tensors")
     v.add_argument("--json", action="store_true", help="print one JSON report per file instead of text")
     v.add_argument("--quiet", action="store_true", help="no progress bar while hashing big files")
     v.set_defaults(func=cmd_verify)
 
-    c = sub.add_parser("convert", help="rewrite weights in another library's layout, checked by loading them",
-                       description="Read IN (torchvision/timm state dict, {'model'|'state_dict': ...} wrapper, "
-                       "'module.' prefixes, or a res_backbone checkpoint) and write OUT in the --to layout; OUT's "
-                       "suffix picks the container (.safetensors, else torch.save). The result is loaded into the "
-                       "target library's model with strict key matching and compared tensor by tensor with IN.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = _subcommand(sub, "convert", help="rewrite weights in another library's layout, checked by loading them",
+                    description="Read IN (torchvision/timm state dict, {'model'|'state_dict': ...} wrapper, "
+                    "'module.' prefixes, or a res_backbone checkpoint) and write OUT in the --to layout; OUT's "
+                    "suffix picks the container (.safetensors, else torch.save). The result is loaded into the "
+                    "target library's model with strict key matching and compared tensor by tensor with IN.")
     c.add_argument("input", metavar="IN", help="source checkpoint")
     c.add_argument("output", metavar="OUT", help="destination (.pth, .pt, .bin or .safetensors)")
     c.add_argument("--to", choices=FORMATS,
@@ -128,12 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=lambda a: _write(lambda: convert_weights(a.input, a.output, to=a.to, arch=a.arch,
                                                                   overwrite=a.force)))
 
-    h = sub.add_parser("export-hub", help="write a checkpoint as a timm hub folder, checked by loading it with timm",
-                       description="Write CHECKPOINT (train_cls.py's, or 'convert --to res_backbone') as FOLDER/"
-                       "config.json + model.safetensors (timm's hub layout): timm.create_model('local-dir:FOLDER', "
-                       "pretrained=True) rebuilds architecture, classes, mean/std, input size; the tool checks that, "
-                       "logits bitwise, before reporting success.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    h = _subcommand(sub, "export-hub", help="write a checkpoint as a timm hub folder, checked by loading it with timm",
+                    description="Write CHECKPOINT (train_cls.py's, or 'convert --to res_backbone') as FOLDER/"
+                    "config.json + model.safetensors (timm's hub layout): timm.create_model('local-dir:FOLDER', "
+                    "pretrained=True) rebuilds architecture, classes, mean/std, input size; the tool checks that, "
+                    "logits bitwise, before reporting success.")
     h.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint naming its model (model_name or arch)")
     h.add_argument("folder", metavar="FOLDER", help="the hub folder to write (upload it as a Hugging Face repo)")
     h.add_argument("--force", action="store_true", help="replace FOLDER if it exists and is not empty")
