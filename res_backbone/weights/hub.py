@@ -87,6 +87,8 @@ def model_from_checkpoint(path: PathLike) -> nn.Module:
     from .files import strip_prefix
     from .load import load_state_dict_checked
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     sd, meta = read_checkpoint(path)
     name = meta.get("model_name") or meta.get("arch")
     if not isinstance(name, str):
