@@ -22,6 +22,11 @@ LEVEL_NAMES = ("stem",) + STAGE_NAMES
 BlockType = Type[Union[BasicBlock, Bottleneck]]
 
 
+class PoolTypeError(ValueError, AssertionError):
+    """An unsupported ``global_pool``; also an ``AssertionError``, which timm's models raise for a pool type
+    they lack (callers such as timm's tests catch that)."""
+
+
 class ResNet(nn.Module):
     """ResNet classifier: 7x7 stem, max-pool, four stages of residual (or plain) blocks, pooling, fc.
 
@@ -366,7 +371,7 @@ class ResNet(nn.Module):
         """
         global_pool = self.global_pool if global_pool is None else global_pool
         if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            raise PoolTypeError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         ref = self.conv1.weight
         self.num_classes, self.global_pool = num_classes, global_pool
         self.avgpool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
