@@ -277,14 +277,16 @@ class ResNet(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r}: a ResNet's feature maps are 'NCHW' only")
         taken, deepest = take_indices(len(self.level_info), indices)
-        out: Dict[int, torch.Tensor] = {}
+        out: Dict[int, torch.Tensor] = {}  # only the requested maps stay alive, as in forward_features
         x = self.stem(x)
-        out[0] = x
+        if 0 in taken:
+            out[0] = x
         x = self.maxpool(x)
         last = deepest if stop_early else len(self.level_info) - 1
         for i in range(1, last + 1):
             x = self._run_stage(getattr(self, self.level_info[i]["module"]), x)
-            out[i] = x
+            if i in taken:
+                out[i] = x
         feats = [out[i] for i in taken]
         return feats if intermediates_only else (x, feats)
 

@@ -14,9 +14,10 @@ memory format (which anyone can use) and which from folding BatchNorm (which nee
 ===================  ============================================================================
 
 Mode ``features`` times timm 1.0's feature API against the plain forward on the same model and stages
-(``ours_eager``, NCHW): ``ours_forward_features`` (stem + every stage, the last map) and
-``ours_forward_intermediates`` (the same stages, every level's map kept); :func:`intermediates_overhead`
-gives their time ratio.
+(``ours_eager``, NCHW): ``ours_forward_features`` (stem + every stage, the last map),
+``ours_intermediates_last`` (``forward_intermediates(x, indices=1)``: the same stages and map, so only the
+API's own cost) and ``ours_intermediates_all`` (every level's map kept alive, as detection adapters ask);
+:func:`intermediates_overhead` gives the time ratios.
 
 With ``ablation=True`` also ``ours_fold`` (BN folded only, NCHW input) and ``ours_fused`` (``ours``
 plus fused ReLU/residual epilogues, ``fuse=True``). :func:`attribution` splits ``ours / ours_eager``
@@ -46,7 +47,7 @@ BASELINES = ("torchvision", "torchvision_cl", "timm", "timm_cl")
 INFER_CONTENDERS = BASELINES + ("ours_eager", "ours_cl", "ours")
 ABLATION_CONTENDERS = ("ours_fold", "ours_fused")
 TRAIN_CONTENDERS = ("torchvision", "torchvision_cl", "timm", "timm_cl", "ours_eager", "ours")
-FEATURE_CONTENDERS = ("ours_forward_features", "ours_forward_intermediates")
+FEATURE_CONTENDERS = ("ours_forward_features", "ours_intermediates_last", "ours_intermediates_all")
 _CHANNELS_LAST = ("torchvision_cl", "timm_cl", "ours_cl", "ours", "ours_fused")
 
 
@@ -77,16 +78,16 @@ def _infer_fn(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str)
 
 
 def _features_fns(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> Dict[str, Callable[[], object]]:
-    """``forward_features`` and ``forward_intermediates`` (every level) of one model on one input."""
-    def features():
-        with torch.inference_mode(), autocast(device, amp):
-            return model.forward_features(x)
+    """``forward_features``, ``forward_intermediates`` of the last level and of every level, on one input."""
+    def call(method, **kwargs):
+        def run():
+            with torch.inference_mode(), autocast(device, amp):
+                return method(x, **kwargs)
 
-    def intermediates():
-        with torch.inference_mode(), autocast(device, amp):
-            return model.forward_intermediates(x)
+        return run
 
-    return dict(zip(FEATURE_CONTENDERS, (features, intermediates)))
+    return dict(zip(FEATURE_CONTENDERS, (call(model.forward_features), call(model.forward_intermediates, indices=1),
+                                         call(model.forward_intermediates))))
 
 
 def _train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str) -> Callable[[], object]:
@@ -171,7 +172,7 @@ def bench_model(
         times = time_interleaved(fns, repeats, warmup, dev, progress)
         results += [BenchResult(name, k, "infer", bs, t) for k, t in times.items()]
         feats = _features_fns(models["ours"], inputs["ours_eager"], dev, amp)
-        diffs[f"intermediates_final_b{bs}"] = max_rel_diff(feats["ours_forward_intermediates"]()[0],
+        diffs[f"intermediates_final_b{bs}"] = max_rel_diff(feats["ours_intermediates_all"]()[0],
                                                            feats["ours_forward_features"]())
         times = time_interleaved(feats, repeats, warmup, dev, progress)
         results += [BenchResult(name, k, "features", bs, t) for k, t in times.items()]
@@ -199,13 +200,15 @@ def bench_model(
 
 
 def intermediates_overhead(results: Iterable[BenchResult]) -> List[dict]:
-    """Per batch size ``{batch_size, forward_features_ms, forward_intermediates_ms, time_ratio}`` (median times;
-    ``time_ratio`` = intermediates / features, 1.0 = no overhead)."""
+    """Per batch size ``{batch_size, forward_features_ms, intermediates_last_ms, intermediates_all_ms,
+    last_ratio, all_ratio}``: median times and their ratios to ``forward_features`` (1.0 = no overhead)."""
     ms = {(r.batch_size, r.contender): r.median_s * 1e3 for r in results if r.mode == "features"}
-    return [{"batch_size": bs, "forward_features_ms": ms[bs, FEATURE_CONTENDERS[0]],
-             "forward_intermediates_ms": ms[bs, FEATURE_CONTENDERS[1]],
-             "time_ratio": ms[bs, FEATURE_CONTENDERS[1]] / ms[bs, FEATURE_CONTENDERS[0]]}
-            for bs in dict.fromkeys(b for b, _ in ms)]
+    rows = []
+    for bs in dict.fromkeys(b for b, _ in ms):
+        base, last, every = (ms[bs, k] for k in FEATURE_CONTENDERS)
+        rows.append({"batch_size": bs, "forward_features_ms": base, "intermediates_last_ms": last,
+                     "intermediates_all_ms": every, "last_ratio": last / base, "all_ratio": every / base})
+    return rows
 
 
 def ratios(results: Iterable[BenchResult]) -> List[dict]:
@@ -277,20 +280,20 @@ def attribution_lines(run: dict) -> List[str]:
 def print_run(run: dict) -> None:
     """The table of one :func:`bench_model` result, then its attribution lines."""
     print(f"\n{run['model']}  (img/s, median)")
-    print(f"{'mode':<6} {'batch':>5} {'contender':<15} {'img/s':>8} {'ms/call':>9} {'vs tv':>7} {'vs tv_cl':>8} "
+    print(f"{'mode':<8} {'batch':>5} {'contender':<23} {'img/s':>8} {'ms/call':>9} {'vs tv':>7} {'vs tv_cl':>8} "
           f"{'vs timm':>8} {'vs timm_cl':>10}")
     rat = {(r["mode"], r["batch_size"], r["contender"]): r for r in run["ratios"]}
     for r in run["results"]:
         q = rat.get((r["mode"], r["batch_size"], r["contender"]))
         vs = (f"{_fmt(q['vs_torchvision']):>7} {_fmt(q['vs_torchvision_cl']):>8} {_fmt(q['vs_timm']):>8} "
               f"{_fmt(q['vs_timm_cl']):>10}" if q else "")
-        print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<15} {r['img_per_s']:>8.2f} {r['median_ms']:>9.1f} {vs}")
+        print(f"{r['mode']:<8} {r['batch_size']:>5} {r['contender']:<23} {r['img_per_s']:>8.2f} {r['median_ms']:>9.1f} {vs}")
     for line in attribution_lines(run):
         print(line)
     for o in run.get("intermediates_overhead", []):
-        print(f"features batch {o['batch_size']:>3}: forward_intermediates (every level kept) "
-              f"{o['forward_intermediates_ms']:.2f} ms vs forward_features {o['forward_features_ms']:.2f} ms, "
-              f"same stages: {o['time_ratio']:.3f}x the time")
+        print(f"features batch {o['batch_size']:>3}: forward_features {o['forward_features_ms']:.2f} ms; "
+              f"forward_intermediates, same stages: last level {o['last_ratio']:.3f}x the time, "
+              f"every level kept {o['all_ratio']:.3f}x")
 
 
 def markdown_report(payload: dict) -> str:
