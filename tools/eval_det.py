@@ -62,7 +62,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from heads.detection.ensemble import flip_batch, load_detector, merge_detections, unflip_boxes
     from res_backbone.data import CocoDetection, build_eval_transforms, collate_detection
     from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text
-    from res_backbone.engine.det_run import DetData, write_pictures
+    from heads.detection.train import DetData, write_pictures
     from res_backbone.engine.optim_step import autocast
     from res_backbone.engine.optim_step import AMP_DTYPES
     from res_backbone.evaluation.coco import coco_evaluate, to_coco_results, write_detections_json

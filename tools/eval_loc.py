@@ -67,8 +67,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from heads.localization import load_localizer
     from res_backbone.data.localization import CocoLocalization, build_loc_eval_transforms
     from res_backbone.engine.checkpoint import CorruptCheckpointError
-    from res_backbone.engine.loc_run import rgb_stats
-    from res_backbone.engine.loc_eval import evaluate, make_eval_loader
+    from heads.localization.train import rgb_stats
+    from heads.localization.evaluate import evaluate, make_eval_loader
     from res_backbone.weights.files import CheckpointMismatchError
 
     try:

@@ -34,15 +34,13 @@ from pathlib import Path
 
 from res_backbone import list_models
 from res_backbone.engine.config import opt_int
-from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
+from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool, train_parser
 
 log = logging.getLogger("train_cls")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), "
-                                    "e.g. configs/cls/fmnist_resnet20.yaml or a run's config.yaml")
+    p = train_parser(__doc__, "configs/cls/fmnist_resnet20.yaml")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="resnet20", choices=list_models(), metavar="NAME",
                    help=f"registered model: {', '.join(list_models())} (default resnet20)")
@@ -104,13 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(build_parser(), argv)
-    from res_backbone.engine import cls_run
+    from heads.classification import train as cls_run
+    from heads.classification.run import run as run_classification
 
     fields = set(cls_run.ClsTrainConfig.__dataclass_fields__)
     cfg = cls_run.ClsTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
     def body() -> int:
-        metrics = cls_run.run(cfg)
+        metrics = run_classification(cfg)
         if metrics:
             top5, best = metrics.get("top5_err"), metrics.get("best_top1_err")
             print(f"top-1 err {metrics.get('top1_err', float('nan')):.2f}%"

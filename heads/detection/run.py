@@ -1,5 +1,5 @@
 """A detection run from its configuration: data, model (:func:`~.faster_rcnn.build_detector`), transfer
-settings, ``config.yaml``, then :func:`res_backbone.engine.det_run.fit` (the shared runner)."""
+settings, ``config.yaml``, then :func:`heads.detection.train.fit` (the shared runner)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 
 from res_backbone import transfer
 from res_backbone.engine import config as cfgmod
-from res_backbone.engine import det_run
+from . import train as det_run
 from res_backbone.engine.distributed import DistInfo
 
 from .faster_rcnn import build_detector
@@ -37,7 +37,7 @@ def run(cfg: det_run.DetTrainConfig, dist: DistInfo, *, norm: Optional[str] = No
             paths and the normalisation decisions filled in (main rank).
 
     Raises:
-        Preempted, NonFiniteLossError: see :func:`res_backbone.engine.det_run.fit`.
+        Preempted, NonFiniteLossError: see :func:`heads.detection.train.fit`.
     """
     out = Path(cfg.output)
     det_run.seed_everything(cfg.seed + dist.rank, cfg.deterministic)

@@ -3,6 +3,7 @@ padding per batch, DDP-safe), shuffled classification batches, and resumable ``(
 from __future__ import annotations
 
 import bisect
+import random
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["EpochBatchSampler", "GroupedBatchSampler", "ResumableBatchSampler", "build_grouped_batch_sampler",
+__all__ = ["EpochBatchSampler", "EpochSeeded", "GroupedBatchSampler", "ResumableBatchSampler", "build_grouped_batch_sampler",
            "group_by_aspect_ratio"]
 
 
@@ -164,7 +165,7 @@ class EpochBatchSampler(Sampler):
 
 
 class ResumableBatchSampler(Sampler):
-    """Batches of ``(epoch, index)`` keys for :class:`~res_backbone.engine.det_run.EpochSeeded`, reproducible per epoch, with
+    """Batches of ``(epoch, index)`` keys for :class:`EpochSeeded`, reproducible per epoch, with
     ``skip(k)`` to drop the first ``k`` batches of the next pass (resuming mid-epoch)."""
 
     def __init__(self, batch_sampler, base_sampler):
@@ -188,3 +189,26 @@ class ResumableBatchSampler(Sampler):
         for i, batch in enumerate(self.batch_sampler):
             if i >= skip:
                 yield [(self.epoch, idx) for idx in batch]
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """Wraps a dataset so item ``(epoch, index)`` is produced with its augmentation RNG seeded from
+    ``(seed, epoch, index)``: the same sample gets the same augmentation whichever worker loads it,
+    whether the run was resumed or not (what makes a resumed run's losses equal an uninterrupted one's).
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        s = (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**31
+        random.seed(s)
+        np.random.seed(s)
+        transforms = getattr(self.dataset, "transforms", None)
+        if hasattr(transforms, "set_random_seed"):
+            transforms.set_random_seed(s)
+        return self.dataset[index]

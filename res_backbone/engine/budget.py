@@ -1,7 +1,7 @@
 """Training to a wall-clock budget, evaluated at fixed fractions of it (equal-time comparisons).
 
 :func:`train_for_budget` runs the shared training loop (:func:`~.det_loop.train_one_epoch`, which
-drives detectors and, through :class:`~.loc_eval.LossAdapter`, localizers) until ``budget_s``
+drives detectors and, through :class:`~heads.localization.evaluate.LossAdapter`, localizers) until ``budget_s``
 seconds of *training* have passed; evaluation pauses the clock. The learning-rate schedule needs
 the run's length, which depends on the speed, so it is planned from measurements:
 

@@ -4,7 +4,7 @@ The loop knows nothing about the task: a ``loss_fn(model, batch) -> LossOutput``
 device, runs the model (under autocast) and computes the loss; a meter turns the per-iteration outputs
 into the logged records. :class:`ClassificationLoss` / :class:`WindowMeter` are the classifiers' pair,
 :class:`DetectionLoss` / :class:`LastLossMeter` the detectors' (and, through
-:class:`~.loc_eval.LossAdapter`, the localizers').
+:class:`~heads.localization.evaluate.LossAdapter`, the localizers').
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ from .runner import EXIT_PREEMPTED, Preempted
 from .optim_step import NonFiniteLossError
 
 __all__ = ["DEFAULTS", "EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_NON_FINITE", "EXIT_PREEMPTED", "EXIT_UNEXPECTED",
-           "BadInput", "RunConfig", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool"]
+           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "train_parser"]
 
 EXIT_DONE, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 1, 2, 3
 
@@ -61,6 +61,28 @@ class RunConfig:
     progress: bool = True
 
 
+@dataclass
+class FineTuneConfig(RunConfig):
+    """A run that puts a backbone (pre-trained or not) under a new task head: detection, localization."""
+
+    pretrained: Optional[str] = None
+    backbone_lr_mult: float = 1.0
+    freeze_backbone_iters: int = 0
+    num_pictures: int = DEFAULTS["num_pictures"]
+    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
+
+
+@dataclass
+class SplitData:
+    """A run's two splits and their loaders (a task's data adds its class list and more)."""
+
+    train_set: Any
+    val_set: Any
+    train_loader: Any
+    val_loader: Any
+    train_sampler: Any
+
+
 class BadInput(ValueError):
     """Bad arguments or input found after parsing (exit code 2); the message says what to change."""
 
@@ -70,6 +92,33 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def train_parser(doc: str, config_example: str) -> argparse.ArgumentParser:
+    """A training tool's parser: its docstring as the description, and ``--config`` (YAML defaults)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), e.g. "
+                                    f"{config_example} or a run's config.yaml")
+    return p
+
+
+def add_finetune_args(p: argparse.ArgumentParser, *, frozen_default: str, frozen_what: str = "backbone"
+                      ) -> argparse._ArgumentGroup:
+    """The ``fine-tuning`` group (``res_backbone/transfer.py``): --frozen-stages --bn-policy
+    --freeze-backbone-iters --backbone-lr-mult. ``frozen_default`` ends --frozen-stages' help; ``frozen_what``
+    names what --freeze-backbone-iters holds."""
+    f = p.add_argument_group("fine-tuning (with --pretrained; see res_backbone/transfer.py)")
+    f.add_argument("--frozen-stages", type=opt_int, default=None,
+                   help=f"never train stem..stage k (1 = stem, 2 = +res2, ... 5 = all); default {frozen_default}")
+    f.add_argument("--bn-policy", default=None, choices=("frozen", "norm_eval", "trainable"),
+                   help="backbone BatchNorm: frozen (FrozenBatchNorm: statistics and affine fixed), norm_eval "
+                        "(statistics fixed, affine trained), trainable; default frozen with --pretrained and fewer "
+                        "than 16 images per batch, else trainable")
+    f.add_argument("--freeze-backbone-iters", type=int, default=0,
+                   help=f"keep the pretrained {frozen_what} frozen, BN statistics included, for the first N "
+                        "iterations, then train it")
+    f.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (default 1)")
+    return f
 
 
 def add_run_args(p: argparse.ArgumentParser, *, output: str, resume_help: str, checkpoint_help: str,

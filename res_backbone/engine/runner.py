@@ -34,6 +34,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_mod
 from .faults import fault_point
+from .optim import build_optimizer
 from .optim_step import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,18 @@ class _Preemptible:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def place_and_optimise(model: nn.Module, cfg: Any, device: torch.device):
+    """Move ``model`` to ``device`` (channels-last when ``cfg.channels_last``) and build its optimizer (from
+    ``cfg``'s optimizer, lr, momentum, weight_decay and, for fine-tuning runs, backbone_lr_mult) and, for fp16,
+    a grad scaler. Returns ``(optimizer, scaler or None)``."""
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, backbone_lr_mult=getattr(cfg, "backbone_lr_mult", 1.0))
+    return optimizer, (torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None)
 
 
 def resolve_resume(resume: Optional[str], output: Union[str, Path]) -> Optional[Path]:

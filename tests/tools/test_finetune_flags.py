@@ -35,13 +35,14 @@ DET_TINY = [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Stand-in Fashion-MNIST and a real (2-iteration) train_cls.py checkpoint of a grey resnet18."""
-    from res_backbone.engine import cls_run
+    from heads.classification import train as cls_run
+    from heads.classification.run import run as run_classification
 
     base = tmp_path_factory.mktemp("ft")
     fm = write_fake_fashion_mnist(base / "fmnist", n_train=48, n_test=16)
     n = torch.get_num_threads()
     try:
-        cls_run.run(cls_run.ClsTrainConfig(output=str(base / "cls"), backbone="resnet18", data_dir=str(fm), max_iters=2,
+        run_classification(cls_run.ClsTrainConfig(output=str(base / "cls"), backbone="resnet18", data_dir=str(fm), max_iters=2,
                                            batch_size=8, lr=0.01, warmup_iters=0, augment="none", threads=1,
                                            progress=False))
     finally:

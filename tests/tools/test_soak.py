@@ -45,7 +45,7 @@ def test_detection_loader_holds_at_most_its_prefetch_window(tmp_path, monkeypatc
     """Items started by the workers never run ahead of the consumer by more than
     ``workers x prefetch_factor`` batches, even when the consumer is slow."""
     from res_backbone.data import CocoDetection
-    from res_backbone.engine import det_run
+    from heads.detection import train as det_run
     from res_backbone.engine.distributed import DistInfo
 
     workers, batch = 2, 2

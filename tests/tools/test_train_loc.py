@@ -93,7 +93,7 @@ def test_eval_recomputes_the_metrics(trained, tmp_path):
 
 
 def test_sigterm_checkpoints_and_resume_continues(base, monkeypatch):
-    from res_backbone.engine import loc_run
+    from heads.localization import train as loc_run
 
     out = base / "preempted"
     forward = loc_run.LossAdapter.forward

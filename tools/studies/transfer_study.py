@@ -184,7 +184,8 @@ def apply_quick(args) -> None:
 
 def pretrain(args, work: Path) -> dict:
     """Step 1: the grey resnet18 classifier (or the given checkpoint's record)."""
-    from res_backbone.engine import cls_run
+    from heads.classification import train as cls_run
+    from heads.classification.run import run as run_classification
 
     if args.cls_checkpoint:
         import torch
@@ -197,7 +198,7 @@ def pretrain(args, work: Path) -> dict:
         batch_size=64 if not args.quick else 8, lr=0.05, schedule="cosine", warmup_iters=min(30, args.pretrain_iters),
         augment="flip", invert=args.pretrain_invert, amp=args.amp, channels_last=True, limit_val=2000, seed=args.seed,
         progress=False, checkpoint_every=10**6)
-    m = cls_run.run(cfg)
+    m = run_classification(cfg)
     return {"checkpoint": str(work / "pretrain" / "checkpoint_best.pt"), "arch": "resnet18", "iters": m.get("iter"),
             "top1_err": m.get("top1_err"), "train_time_s": m.get("train_time_s"), "invert": args.pretrain_invert,
             "reused": False}
@@ -237,7 +238,7 @@ def detection_arms(args, ckpt: str, budget_s: float) -> dict:
     from heads import build_detector
     from res_backbone import transfer
     from res_backbone.data.detection_fmnist import write_fmnist_detection
-    from res_backbone.engine import det_run
+    from heads.detection import train as det_run
     from res_backbone.engine.distributed import DistInfo
     from res_backbone.engine.optim import build_optimizer
 
@@ -283,9 +284,9 @@ def localization_arms(args, ckpt: str, budget_s: float) -> dict:
 
     from heads.localization import build_localizer, localization_loss
     from res_backbone import transfer
-    from res_backbone.engine import loc_run
-    from res_backbone.engine.loc_eval import LossAdapter
-    from res_backbone.engine.loc_eval import evaluate as loc_evaluate
+    from heads.localization import train as loc_run
+    from heads.localization.evaluate import LossAdapter
+    from heads.localization.evaluate import evaluate as loc_evaluate
     from res_backbone.engine.optim import build_optimizer
 
     t0 = time.perf_counter()

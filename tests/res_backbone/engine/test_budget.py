@@ -8,7 +8,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from res_backbone.engine.budget import TimeBudgetPlan, train_for_budget
 from res_backbone.data.samplers import ResumableBatchSampler
-from res_backbone.engine.det_run import EpochSeeded
+from res_backbone.data.samplers import EpochSeeded
 from res_backbone.engine.optim import build_optimizer
 from res_backbone.transfer import BackboneFreeze
 

@@ -205,7 +205,9 @@ def _optimizer(model):
 
 def test_training_checkpoints_record_version_name_config_and_refuse_other_archs(tmp_path):
     from res_backbone.data import ClsDatasets
-    from res_backbone.engine import cls_run, det_run, loc_run
+    from heads.classification import train as cls_run
+    from heads.detection import train as det_run
+    from heads.localization import train as loc_run
     from res_backbone.engine.runner import restore_training_state, save_run_checkpoint
 
     # classification

@@ -8,33 +8,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from ..data import (
+from res_backbone.data import (
     CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
     make_synthetic_coco, synthetic_paths,
 )
-from ..data.samplers import ResumableBatchSampler
-from ..evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
-from ..transfer import BackboneFreeze
-from ..visualize import draw_detections
-from . import checkpoint as ckpt_mod
-from .det_loop import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
-from .distributed import DistInfo, barrier
-from .logger import RunLogger
-from .optim_step import AMP_DTYPES
-from .memory import peak_rss_report
-from .optim import build_optimizer, lr_factor, set_lr
-from .run_config import DEFAULTS, RunConfig, resolve_device
-from .runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
+from res_backbone.data.samplers import EpochSeeded, ResumableBatchSampler
+from res_backbone.evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
+from res_backbone.transfer import BackboneFreeze
+from res_backbone.visualize import draw_detections
+from res_backbone.engine import checkpoint as ckpt_mod
+from res_backbone.engine.det_loop import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
+from res_backbone.engine.distributed import DistInfo, barrier
+from res_backbone.engine.logger import RunLogger
+from res_backbone.engine.optim_step import AMP_DTYPES
+from res_backbone.engine.memory import peak_rss_report
+from res_backbone.engine.optim import lr_factor, set_lr
+from res_backbone.engine.run_config import FineTuneConfig, SplitData, resolve_device
+from res_backbone.engine.runner import place_and_optimise
+from res_backbone.engine.runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
     EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
 )
@@ -44,13 +43,12 @@ LIBRARY_VERSION = "0.1.0"
 
 
 @dataclass
-class DetTrainConfig(RunConfig):
+class DetTrainConfig(FineTuneConfig):
     """Every option of a detection run (the tool's flags, one to one)."""
 
     output: str = "runs/det"
     backbone: str = "resnet50"
     arch: str = "fpn"
-    pretrained: Optional[str] = None
     num_classes: Optional[int] = None
     train_json: Optional[str] = None
     train_images: Optional[str] = None
@@ -73,24 +71,15 @@ class DetTrainConfig(RunConfig):
     milestones: Sequence[float] = (0.67, 0.89)
     warmup_iters: int = 100
     grad_clip: Optional[float] = None
-    backbone_lr_mult: float = 1.0
-    freeze_backbone_iters: int = 0
     compile: bool = False
     workers: int = 2
-    num_pictures: int = DEFAULTS["num_pictures"]
     score_thresh_pictures: float = 0.3
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
-    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
 
 
 @dataclass
-class DetData:
-    train_set: CocoDetection
-    val_set: Optional[CocoDetection]
-    train_loader: DataLoader
-    val_loader: Optional[DataLoader]
-    train_sampler: object
+class DetData(SplitData):
     val_json: Optional[str]
     cat_ids: List[int]
     class_names: List[str]
@@ -115,29 +104,6 @@ def resolve_data_paths(cfg: DetTrainConfig, is_main: bool = True) -> DetTrainCon
     cfg.train_json, cfg.train_images = paths["train_json"], paths["train_images"]
     cfg.val_json, cfg.val_images = paths["val_json"], paths["val_images"]
     return cfg
-
-
-class EpochSeeded(torch.utils.data.Dataset):
-    """Wraps a dataset so item ``(epoch, index)`` is produced with its augmentation RNG seeded from
-    ``(seed, epoch, index)``: the same sample gets the same augmentation whichever worker loads it,
-    whether the run was resumed or not (what makes a resumed run's losses equal an uninterrupted one's).
-    """
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        s = (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**31
-        random.seed(s)
-        np.random.seed(s)
-        transforms = getattr(self.dataset, "transforms", None)
-        if hasattr(transforms, "set_random_seed"):
-            transforms.set_random_seed(s)
-        return self.dataset[index]
 
 
 def load_datasets(cfg: DetTrainConfig, dist: DistInfo) -> Tuple[CocoDetection, Optional[CocoDetection]]:
@@ -284,12 +250,7 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
     out = Path(cfg.output)
     device_name = resolve_device(cfg.device)
     device = torch.device(f"cuda:{dist.local_rank}" if device_name == "cuda" else device_name)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(data.train_loader)
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.train_json}: no training images (after filtering) for batch size {cfg.batch_size}")

@@ -17,12 +17,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.localization import CocoLocalization, collate_localization
-from ..evaluation.localization import localization_errors
-from ..visualize import save_prediction_grid
-from . import checkpoint as ckpt_mod
-from .det_loop import to_device
-from .optim_step import autocast
+from res_backbone.data.localization import CocoLocalization, collate_localization
+from res_backbone.evaluation.localization import localization_errors
+from res_backbone.visualize import save_prediction_grid
+from res_backbone.engine import checkpoint as ckpt_mod
+from res_backbone.engine.det_loop import to_device
+from res_backbone.engine.optim_step import autocast
 
 __all__ = ["LossAdapter", "compute_metrics", "evaluate", "make_eval_loader", "predict_split", "top1_ious",
            "write_pictures"]

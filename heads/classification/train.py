@@ -29,16 +29,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.classification import ClsDatasets, build_cls_datasets
-from ..data.samplers import EpochBatchSampler
-from . import checkpoint as ckpt_mod
-from .cls_loop import evaluate, train_one_epoch
-from .config import dump_yaml
-from .logger import RunLogger
-from .budget import TimeBudgetPlan, log_plan
-from .optim import build_optimizer, lr_factor, set_lr
-from .run_config import RunConfig
-from .runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
+from res_backbone.data.classification import ClsDatasets, build_cls_datasets
+from res_backbone.data.samplers import EpochBatchSampler
+from res_backbone.engine import checkpoint as ckpt_mod
+from res_backbone.engine.cls_loop import evaluate, train_one_epoch
+from res_backbone.engine.logger import RunLogger
+from res_backbone.engine.budget import TimeBudgetPlan, log_plan
+from res_backbone.engine.optim import lr_factor, set_lr
+from res_backbone.engine.run_config import RunConfig
+from res_backbone.engine.runner import place_and_optimise
+from res_backbone.engine.runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
 )
@@ -134,7 +134,7 @@ def pretrained_cfg_of(data: ClsDatasets, interpolation: str = "bilinear") -> dic
 def build_model(cfg: ClsTrainConfig, data: ClsDatasets, load_pretrained: bool = True) -> nn.Module:
     """``create_model(cfg.backbone)`` for the data's classes and channels, with ``cfg.pretrained``
     weights when ``load_pretrained`` (a classifier of another size is dropped and re-initialised)."""
-    from .. import create_model
+    from res_backbone import create_model
 
     pretrained = False
     if load_pretrained and cfg.pretrained:
@@ -148,7 +148,7 @@ def build_model(cfg: ClsTrainConfig, data: ClsDatasets, load_pretrained: bool = 
 
 def _report_classifier(model: nn.Module, num_classes: int) -> None:
     """Say whether the pretrained file's classifier was kept, or dropped because its size differs."""
-    from ..weights.files import read_checkpoint
+    from res_backbone.weights.files import read_checkpoint
 
     path = (getattr(model, "pretrained_cfg", None) or {}).get("file")
     if not path:
@@ -186,8 +186,6 @@ def make_loaders(cfg: ClsTrainConfig, data: ClsDatasets) -> ClsLoaders:
 def checkpoint_payload(model: nn.Module, optimizer, scaler, *, it: int, iters_per_epoch: int, cfg: ClsTrainConfig,
                        data: ClsDatasets, state: dict) -> dict:
     """The checkpoint dict (see the module docstring); ``state`` carries best/metrics/timings."""
-    from .. import __version__
-
     return {
         "model": model.state_dict(),
         "model_name": cfg.backbone,
@@ -195,18 +193,9 @@ def checkpoint_payload(model: nn.Module, optimizer, scaler, *, it: int, iters_pe
         "pretrained_cfg": pretrained_cfg_of(data, cfg.interpolation),
         "classes": list(data.classes),
         "task": "classification",
-        "iter": it,
-        "epoch": it // iters_per_epoch,
-        "config": _plain(cfg),
-        "metrics": dict(state.get("metrics") or {}),
         "best_top1_err": state["best_top1_err"],
-        "best_iter": state["best_iter"],
-        "train_time_s": state["train_time_s"],
-        "plan_max_iters": state.get("plan_max_iters"),
-        "library_version": __version__,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": ckpt_mod.rng_state(),
+        **ckpt_mod.training_fields(optimizer, scaler, it=it, iters_per_epoch=iters_per_epoch, config=_plain(cfg),
+                                   state=state),
     }
 
 
@@ -247,11 +236,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
 
     out = Path(cfg.output)
     device = torch.device(cfg.device)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(loaders.train)
     # the schedule's length: --max-iters / --epochs, or sized to --time-budget from the measured speed
     plan = TimeBudgetPlan(cfg.max_iters or cfg.epochs * iters_per_epoch, cfg.time_budget)
@@ -372,21 +357,5 @@ def _metrics(m: Optional[dict], train_stats: dict, it: int, iters_per_epoch: int
     return out
 
 
-def run(cfg: ClsTrainConfig) -> dict:
-    """The whole run: data, model, ``config.yaml`` (every resolved option), :func:`fit`."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    data = load_data(cfg)
-    cfg = cfg.resolved(data)
-    seed_everything(cfg.seed, cfg.deterministic)
-    resuming = resolve_resume(cfg.resume, cfg.output) is not None
-    model = build_model(cfg, data, load_pretrained=not resuming)  # resumed weights replace them anyway
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(_plain(cfg), out / "config.yaml")
-    loaders = make_loaders(cfg, data)
-    return fit(model, data, loaders, cfg)
-
-
 __all__ = ["ClsLoaders", "ClsTrainConfig", "build_model", "check_resume_compatible", "checkpoint_payload", "fit",
-           "load_data", "make_loaders", "pretrained_cfg_of", "run"]
+           "load_data", "make_loaders", "pretrained_cfg_of"]
