@@ -5,7 +5,7 @@ or of ``timm.create_model('rb_*')``, or a checkpoint of ``tools/train_cls.py`` /
 convert``) so that ``timm.create_model('local-dir:FOLDER', pretrained=True)`` (or ``hf-hub:USER/REPO``
 once the folder is uploaded) rebuilds it: architecture ``rb_<name>``, class count, architecture
 options, mean/std, input size, interpolation and crop, and bitwise-equal logits, checked by loading the
-folder back through timm. :func:`read_hub_folder` is the reverse: it turns such a folder (or
+folder back through timm. :func:`.hub_folder.read_hub_folder` is the reverse: it turns such a folder (or
 ``hf-hub:USER/REPO`` in the local Hugging Face cache) into the weights file and data config that
 ``create_model(name, pretrained=FOLDER)`` and ``--pretrained FOLDER`` load.
 
@@ -32,13 +32,10 @@ from torch import nn
 
 from .catalogue import DEFAULT_CFG
 from .files import CheckpointMismatchError, read_checkpoint, save_safetensors
+from .hub_folder import CFG_KEYS, HUB_CONFIG, HUB_WEIGHTS, is_hub_source, read_hub_folder  # noqa: F401 (re-export)
 
 PathLike = Union[str, os.PathLike]
-HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
 TIMM_PREFIX = "rb_"
-# timm pretrained_cfg fields that describe the weights' data (source/file fields are the reader's business)
-_CFG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes", "pool_size",
-             "first_conv", "classifier", "test_input_size", "test_crop_pct", "license", "paper_ids")
 # ResNet keywords that change the architecture (not training-time options such as frozen_stages, drop_rate)
 _ARG_KEYS = ("in_chans", "shortcut", "stride_in_1x1", "output_stride", "norm", "stem_width", "widths", "global_pool")
 
@@ -126,7 +123,8 @@ def _as_classifier(source: Union[nn.Module, PathLike]) -> nn.Module:
             raise ValueError("only a backbone with every stage and no FPN is a timm model; build it with "
                              "create_backbone(name) (default out_features, fpn=False)")
     elif not isinstance(source, ResNet):
-        raise TypeError(f"expected a res_backbone ResNet / ResNetBackbone or a checkpoint path, got {type(source).__name__}")
+        raise TypeError(f"expected a res_backbone ResNet / ResNetBackbone or a checkpoint path, "
+                        f"got {type(source).__name__}")
     # Rebuild from the recorded facts alone and load the weights strictly: what timm will do from config.json.
     classes = source.num_classes if isinstance(getattr(source, "fc", None), nn.Linear) else 0
     model = _rebuild(_model_name(source), num_classes=classes, **_arch_args(source))
@@ -139,7 +137,7 @@ def _as_classifier(source: Union[nn.Module, PathLike]) -> nn.Module:
 def hub_config(model: nn.Module, label_names: Optional[Sequence[str]] = None) -> dict:
     """timm's ``config.json`` for ``model`` (a :class:`~res_backbone.resnet.ResNet` with ``model_name``)."""
     args = _arch_args(model)
-    cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k in _CFG_KEYS and v is not None}
+    cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k in CFG_KEYS and v is not None}
     side = tuple(cfg.get("input_size") or DEFAULT_CFG["input_size"])[-2:]
     cfg.update(input_size=[args["in_chans"], *side], num_classes=model.num_classes, first_conv="conv1",
                classifier="fc", fixed_input_size=False)
@@ -193,8 +191,9 @@ def check_hub_folder(folder: PathLike, reference: nn.Module, seed: int = 0) -> L
             f"logits on a {tuple(x.shape)} batch bitwise equal to the source model's"]
 
 
-def save_for_timm_hub(source: Union[nn.Module, PathLike], folder: PathLike, *, label_names: Optional[Sequence[str]] = None,
-                      overwrite: bool = False, verify: bool = True) -> HubExport:
+def save_for_timm_hub(source: Union[nn.Module, PathLike], folder: PathLike, *,
+                      label_names: Optional[Sequence[str]] = None, overwrite: bool = False,
+                      verify: bool = True) -> HubExport:
     """Write ``source`` as a timm hub folder and (``verify``) load it back through timm to check it.
 
     Args:
@@ -230,44 +229,3 @@ def save_for_timm_hub(source: Union[nn.Module, PathLike], folder: PathLike, *, l
     checks = check_hub_folder(folder, model) if verify else []
     return HubExport(folder, config["architecture"], model.num_classes, config["model_args"],
                      config["pretrained_cfg"], checks)
-
-
-def is_hub_source(pretrained: object) -> bool:
-    """``True`` for a folder holding ``config.json`` or an ``hf-hub:USER/REPO`` string."""
-    if isinstance(pretrained, str) and pretrained.startswith("hf-hub:"):
-        return True
-    return isinstance(pretrained, (str, os.PathLike)) and (Path(pretrained).expanduser() / HUB_CONFIG).is_file()
-
-
-def read_hub_folder(source: PathLike) -> Tuple[Path, dict, dict]:
-    """``(weights file, pretrained_cfg, config)`` of a timm hub folder or ``hf-hub:USER/REPO`` (looked up in
-    the local Hugging Face cache only; nothing is downloaded).
-
-    Raises:
-        FileNotFoundError: no ``config.json`` or no weights file (naming the places searched).
-    """
-    from .cache import hf_snapshot_paths
-
-    text = os.fspath(source)
-    if text.startswith("hf-hub:"):
-        repo = text[len("hf-hub:"):].split("@")[0]
-        found = [p.parent for p in hf_snapshot_paths(repo, HUB_CONFIG) if p.is_file()]
-        if not found:
-            raise FileNotFoundError(f"{text}: no {HUB_CONFIG} of {repo} in the Hugging Face cache "
-                                    f"({', '.join(map(str, hf_snapshot_paths(repo, HUB_CONFIG)))}); nothing is downloaded")
-        folder = found[0]
-    else:
-        folder = Path(text).expanduser()
-    config_file = folder / HUB_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: no {HUB_CONFIG}; not a timm hub folder")
-    config = json.loads(config_file.read_text())
-    weights = [folder / n for n in (HUB_WEIGHTS, "pytorch_model.bin", "open_clip_pytorch_model.bin")]
-    found_w = [p for p in weights if p.is_file()]
-    if not found_w:
-        raise FileNotFoundError(f"{folder}: a {HUB_CONFIG} but no weights ({', '.join(p.name for p in weights)})")
-    cfg = dict(config.get("pretrained_cfg") or {k: v for k, v in config.items() if k in _CFG_KEYS})
-    if "num_classes" in config:
-        cfg["num_classes"] = config["num_classes"]
-    cfg.update(source="timm-hub", architecture=config.get("architecture"))
-    return found_w[0], cfg, config

@@ -9,6 +9,7 @@ import torch
 from timm.data import resolve_data_config
 
 import res_backbone as rb
+from res_backbone.weights.cache import hf_snapshot_paths
 from res_backbone.weights.files import CheckpointMismatchError
 from res_backbone.weights.hub import read_hub_folder, save_for_timm_hub
 from res_backbone.weights.testing import write_tiny_cls_checkpoint
@@ -103,12 +104,12 @@ def test_hf_hub_name_reads_the_local_cache_only(tmp_path, monkeypatch):
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("abc")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    path, cfg, _ = read_hub_folder("hf-hub:me/r20")
+    path, cfg, _ = read_hub_folder("hf-hub:me/r20", hf_snapshot_paths)
     assert path == snap / "model.safetensors" and cfg["architecture"] == "rb_resnet20"
     ours = rb.create_model("resnet20", num_classes=3, pretrained="hf-hub:me/r20")
     assert torch.equal(_logits(ours, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        read_hub_folder("hf-hub:me/absent")
+        read_hub_folder("hf-hub:me/absent", hf_snapshot_paths)
 
 
 def test_refusals_name_the_cause(tmp_path):
