@@ -108,6 +108,9 @@ def test_hf_hub_name_reads_the_local_cache_only(tmp_path, monkeypatch):
     assert path == snap / "model.safetensors" and cfg["architecture"] == "rb_resnet20"
     ours = rb.create_model("resnet20", num_classes=3, pretrained="hf-hub:me/r20")
     assert torch.equal(_logits(ours, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
+    # timm's own hf-hub: source (as once the folder is uploaded), served from that cache offline
+    theirs = timm.create_model("hf-hub:me/r20", pretrained=True, cache_dir=str(tmp_path / "hub"))
+    assert torch.equal(_logits(theirs, (1, 3, 32, 32)), _logits(model, (1, 3, 32, 32)))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         read_hub_folder("hf-hub:me/absent", hf_snapshot_paths)
 
