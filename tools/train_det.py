@@ -38,9 +38,8 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone import list_models
 from res_backbone.engine.run_config import (
-    add_finetune_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
+    add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
 )
 
 log = logging.getLogger("train_det")
@@ -48,14 +47,9 @@ log = logging.getLogger("train_det")
 
 def build_parser() -> argparse.ArgumentParser:
     p = train_parser(__doc__, "configs/det/demo.yaml")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="resnet50", choices=list_models(), metavar="NAME",
-                   help=f"registered ResNet or plain twin: {', '.join(list_models())} (default resnet50)")
+    g = add_model_args(p, backbone="resnet50")
     g.add_argument("--arch", default="fpn", choices=("fpn", "c4"),
                    help="fpn: FPN p2-p6 with a 2-FC box head; c4: RoIs from res4, res5 as the per-RoI head (paper)")
-    g.add_argument("--pretrained", default=None,
-                   help="backbone weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, a1_in1k) "
-                        "or a checkpoint path (e.g. a train_cls.py checkpoint); default none (from scratch)")
     g.add_argument("--norm", default=None, choices=("bn", "frozen_bn", "sync_bn", "gn"),
                    help="backbone normalisation layer (sync_bn is the DDP choice for small per-GPU batches); "
                         "default: from --bn-policy")

@@ -40,11 +40,10 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone import list_models
-from heads.localization.run import add_model_args
+from heads.localization.run import add_localizer_args
 from res_backbone.engine.config import opt_int
 from res_backbone.engine.run_config import (
-    add_finetune_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
+    add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
 )
 
 log = logging.getLogger("train_loc")
@@ -52,20 +51,14 @@ log = logging.getLogger("train_loc")
 
 def build_parser() -> argparse.ArgumentParser:
     p = train_parser(__doc__, "configs/loc/fmnist_resnet18.yaml")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=None, choices=list_models(), metavar="NAME",
-                   help=f"registered ResNet, CIFAR net or plain twin: {', '.join(list_models())} (default resnet18; "
-                        "with --cls-checkpoint the checkpoint's architecture is used and must agree)")
-    g.add_argument("--pretrained", default=None,
-                   help="backbone weights for joint training: 'auto' (local torchvision/timm caches), a tag, or a path "
-                        "(an ImageNet file or a train_cls.py checkpoint; grey-level ones are adapted to RGB), or 'none' "
-                        "(from scratch, the default)")
+    g = add_model_args(p, backbone=None,
+                       backbone_note="resnet18, or with --cls-checkpoint the checkpoint's architecture")
     g.add_argument("--mode", default="scr", choices=("scr", "pcr"),
                    help="scr: one class-agnostic box; pcr: one box per class (default scr)")
     g.add_argument("--cls-checkpoint", default=None,
                    help="a train_cls.py checkpoint: its backbone and classifier are loaded and frozen, only the box "
                         "branch trains (its class count must match the data)")
-    add_model_args(g)
+    add_localizer_args(g)
     d = p.add_argument_group("data")
     d.add_argument("--train-json", help="COCO annotations of the training split")
     d.add_argument("--train-images", help="folder the training json's file_name entries are relative to")

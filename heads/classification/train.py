@@ -17,6 +17,7 @@ load them directly.
 """
 from __future__ import annotations
 
+from contextlib import closing
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 from res_backbone.data.classification import ClsDatasets, build_cls_datasets
 from res_backbone.data.samplers import EpochBatchSampler
 from res_backbone.engine import checkpoint as ckpt_mod
-from res_backbone.engine.cls_loop import evaluate, train_one_epoch
+from .loop import evaluate, train_one_epoch
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.budget import TimeBudgetPlan, log_plan
 from res_backbone.engine.optim import lr_factor, set_lr
@@ -327,13 +328,10 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
                  m["top1_err"], f", top-5 err {m['top5_err']:.2f}%" if m["top5_err"] is not None else "",
                  state["best_top1_err"])
 
-    try:
+    with closing(bar), closing(logger):
         run_epochs(start_iter=it, max_iters=lambda: plan.max_iters, iters_per_epoch=iters_per_epoch, sampler=loaders.sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                    checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
-    finally:
-        bar.close()
-        logger.close()
     return state["metrics"] or {}
 
 

@@ -5,6 +5,7 @@ The tool parses flags/YAML into a :class:`DetTrainConfig`, builds the model (``h
 """
 from __future__ import annotations
 
+from contextlib import closing
 import json
 import logging
 import os
@@ -327,13 +328,10 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
 
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
                dynamic_ncols=True)
-    try:
+    with closing(bar), closing(logger):
         it = run_epochs(start_iter=it, max_iters=max_iters, iters_per_epoch=iters_per_epoch,
                         sampler=data.train_sampler, train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                         checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval,
                         checkpoint_before_eval=True)
         logger.log({"event": "end", **peak_rss_report()}, step=it)
-    finally:
-        bar.close()
-        logger.close()
     return metrics or {}

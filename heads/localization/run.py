@@ -13,13 +13,13 @@ from res_backbone.engine.config import opt_int
 from . import build_localizer, localization_loss
 from . import train as loc_run
 
-__all__ = ["MODEL_FLAGS", "add_model_args", "run"]
+__all__ = ["MODEL_FLAGS", "add_localizer_args", "run"]
 
 MODEL_FLAGS = ("grid", "box_channels", "hidden", "drop_rate", "crop_size", "crop_context", "crop_jitter", "box_scale",
                "first_cls_weight")
 
 
-def add_model_args(g) -> None:
+def add_localizer_args(g) -> None:
     """The localizer's flags of ``tools/train_loc.py`` (their values reach :func:`run` as ``model_options``)."""
     g.add_argument("--grid", type=opt_int, default=None,
                    help="the box branch pools the last feature map to grid x grid (default: that map's side at "

@@ -14,6 +14,7 @@ Everything a run writes goes to ``cfg.output``: ``config.yaml`` (by the tool), `
 """
 from __future__ import annotations
 
+from contextlib import closing
 import json
 import logging
 import time
@@ -286,14 +287,11 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         clock["start"] += time.perf_counter() - t_eval  # evaluation time is not training time
 
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not cfg.progress, dynamic_ncols=True)
-    try:
+    with closing(bar), closing(logger):
         run_epochs(start_iter=it, max_iters=lambda: plan.max_iters, iters_per_epoch=iters_per_epoch,
                    sampler=data.train_sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                    checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
-    finally:
-        bar.close()
-        logger.close()
     return state["metrics"] or {}
 
 

@@ -34,7 +34,7 @@ from .runner import EXIT_PREEMPTED, Preempted
 from .optim_step import NonFiniteLossError
 
 __all__ = ["DEFAULTS", "EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_NON_FINITE", "EXIT_PREEMPTED", "EXIT_UNEXPECTED",
-           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "train_parser"]
+           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_model_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "train_parser"]
 
 EXIT_DONE, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 1, 2, 3
 
@@ -100,6 +100,23 @@ def train_parser(doc: str, config_example: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), e.g. "
                                     f"{config_example} or a run's config.yaml")
     return p
+
+
+def add_model_args(p: argparse.ArgumentParser, *, backbone: Optional[str], backbone_note: str = "",
+                   pretrained_note: str = "") -> argparse._ArgumentGroup:
+    """The ``model`` group with --backbone (any registered name) and --pretrained; a tool adds its own flags.
+    ``backbone`` is the default; ``backbone_note`` replaces its description (e.g. when None means "decided later")."""
+    from .. import list_models
+
+    names = list_models()
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default=backbone, choices=names, metavar="NAME",
+                   help=f"registered model: {', '.join(names)} (default {backbone_note or backbone})")
+    g.add_argument("--pretrained", default=None,
+                   help="initial backbone weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, "
+                        "a1_in1k), a path (an ImageNet file or a train_cls.py checkpoint; grey "
+                        f"ones are adapted to RGB), or none (from scratch, the default){pretrained_note}")
+    return g
 
 
 def add_finetune_args(p: argparse.ArgumentParser, *, frozen_default: str, frozen_what: str = "backbone"
