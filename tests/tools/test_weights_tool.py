@@ -152,20 +152,22 @@ def test_export_hub_cli_writes_a_folder_timm_loads(tool, tmp_path, capsys):
     assert tool.main(["export-hub", str(tmp_path / "missing.pth"), str(tmp_path / "h2")]) == 2
 
 
-def test_hub_folder_as_train_cls_pretrained(tmp_path, caplog):
+def test_hub_folder_as_train_cls_pretrained(tool, tmp_path, caplog):
     """The reverse: a timm hub folder of an rb_* model given to train_cls.py --pretrained."""
     from PIL import Image
 
     from res_backbone.weights.testing import write_tiny_cls_checkpoint
 
+    import train_cls  # tools/ is on pytest's pythonpath
+
     hub = tmp_path / "hub"
-    assert main_of("weights").main(["export-hub", str(write_tiny_cls_checkpoint(tmp_path / "c.pth")), str(hub)]) == 0
+    assert tool.main(["export-hub", str(write_tiny_cls_checkpoint(tmp_path / "c.pth")), str(hub)]) == 0
     for c in ("left", "right"):
         (tmp_path / "tree" / c).mkdir(parents=True)
         for i in range(2):
             Image.new("L", (28, 28), 60 * i + 10).save(tmp_path / "tree" / c / f"{i}.png")
     tree = str(tmp_path / "tree")
-    rc = main_of("train_cls").main(
+    rc = train_cls.main(
         ["--backbone", "resnet20", "--threads", "1", "--train-dir", tree, "--val-dir", tree, "--in-chans", "1",
          "--input-size", "28", "--batch-size", "2", "--max-iters", "1", "--no-progress", "--workers", "0",
          "--output", str(tmp_path / "run"), "--pretrained", str(hub)])
@@ -173,9 +175,3 @@ def test_hub_folder_as_train_cls_pretrained(tmp_path, caplog):
     assert f"pretrained {hub / 'model.safetensors'} has a 10-class classifier" in caplog.text
     assert "every other layer loaded" in caplog.text
 
-
-def main_of(tool_name: str):
-    spec = importlib.util.spec_from_file_location(f"{tool_name}_tool", ROOT / "tools" / f"{tool_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
