@@ -153,3 +153,19 @@ def test_an_exception_mid_step_writes_an_emergency_checkpoint(coco, tmp_path, to
     last = torch.load(out / "checkpoint_last.pt", weights_only=True)  # the last good one, untouched
     it = lambda ck: ck.get("iteration", ck.get("iter"))  # noqa: E731
     assert it(emergency) == 2 and it(last) == 2 and "emergency checkpoint" in caplog.text
+
+
+def test_check_images_tool(coco, tmp_path, capsys):
+    import check_images
+
+    paths = _copy(coco, tmp_path)
+    args = ["--json", paths["train_json"], "--images", paths["train_images"], "--output", str(tmp_path / "c"),
+            "--no-progress"]
+    assert check_images.main(args) == 0
+    assert "12 images OK (header mode, 0 from the cache)" in capsys.readouterr().out
+    assert check_images.main(args) == 0 and "12 from the cache" in capsys.readouterr().out
+    _break(tmp_path / "data" / "train", _train_names(paths))
+    assert check_images.main(args + ["--mode", "full"]) == 2
+    assert len(_report(tmp_path / "c")["bad"]) == 5
+    with pytest.raises(SystemExit):
+        check_images.main(["--output", str(tmp_path)])
