@@ -116,8 +116,9 @@ def add_model_args(p: argparse.ArgumentParser, *, backbone: Optional[str], backb
                    help=f"registered model: {', '.join(names)} (default {backbone_note or backbone})")
     g.add_argument("--pretrained", default=None,
                    help="initial backbone weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, "
-                        "a1_in1k), a path (an ImageNet file or a train_cls.py checkpoint; grey "
-                        f"ones are adapted to RGB), or none (from scratch, the default){pretrained_note}")
+                        "a1_in1k), a path (an ImageNet file, a timm hub folder or a train_cls.py checkpoint; grey "
+                        "ones are adapted to RGB), hf-hub:USER/REPO (from the local cache), or none (from scratch, "
+                        f"the default){pretrained_note}")
     return g
 
 
