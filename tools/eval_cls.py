@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from res_backbone.engine.run_config import run_tool
+from res_backbone.engine.run_config import add_image_check_args, run_tool
 
 log = logging.getLogger("eval_cls")
 
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several checkpoints, skip the ensemble row")
     p.add_argument("--output", help="folder for eval_cls.json (default: the first checkpoint's folder)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_image_check_args(p, training=False)
     return p
 
 
@@ -101,13 +102,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    out_dir = Path(args.output) if args.output else Path(args.checkpoint[0]).resolve().parent
     options = ProtocolOptions(protocols=args.protocol, scales=args.scales, crop=args.crop, resize=args.resize,
                               resize_mode=args.resize_mode, average=args.average)
     report = evaluate_checkpoints(args.checkpoint, options, data_dir=args.data_dir, val_dir=args.val_dir,
                                   limit=args.limit, batch_size=args.batch_size, workers=args.workers,
-                                  device=args.device, ensemble=args.ensemble, progress=args.progress)
+                                  device=args.device, ensemble=args.ensemble, progress=args.progress,
+                                  check_images=args.check_images, on_bad_image=args.on_bad_image, output=str(out_dir))
     print(report["table"])
-    out_dir = Path(args.output) if args.output else Path(args.checkpoint[0]).resolve().parent
     path = atomic_write_text(json.dumps(report, indent=2) + "\n", out_dir / "eval_cls.json")
     log.info("%d images, %d checkpoint(s) -> %s", report["data"]["n_images"], len(args.checkpoint), path)
     return 0

@@ -16,6 +16,7 @@ import torch
 
 from res_backbone.data.classification import build_cls_datasets
 from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
+from res_backbone.data.preflight import preflight
 from res_backbone.evaluation.classification import (
     collect_protocol_probs, default_protocol_sizes, errors_from_probs, markdown_table,
 )
@@ -65,11 +66,15 @@ def _check_compatible(paths: Sequence[str], models) -> None:
 def evaluate_checkpoints(paths: Sequence[str], options: ProtocolOptions = ProtocolOptions(), *,
                          data_dir: Optional[str] = None, val_dir: Optional[str] = None, limit: Optional[int] = None,
                          batch_size: int = 256, workers: int = 0, device: str = "cpu", ensemble: bool = True,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, check_images: str = "header", on_bad_image: str = "error",
+                         output: Optional[str] = None) -> dict:
     """Evaluate ``paths`` (``train_cls.py`` checkpoints) on the Fashion-MNIST test split or an ImageFolder tree.
 
     Fashion-MNIST's 10-crop source is the image zero-padded like the training crops; ImageFolder images are
     resized and centre-cropped to a square of the largest size any protocol needs, then resized per protocol.
+
+    An image folder is checked first (:func:`res_backbone.data.preflight.preflight` with ``check_images`` and
+    ``on_bad_image``; ``bad_images.json`` goes to ``output``).
 
     Returns:
         ``{"checkpoints", "data", "protocols", "results", "table"}`` (what ``eval_cls.json`` holds).
@@ -100,6 +105,10 @@ def evaluate_checkpoints(paths: Sequence[str], options: ProtocolOptions = Protoc
                                   classes=meta.get("classes") if val_dir else None, interpolation=interpolation)
     except FashionMNISTNotFoundError as e:
         raise FashionMNISTNotFoundError(f"{e} (or pass --val-dir)") from None
+    left_out = 0
+    if hasattr(data.val, "image_files"):  # an image folder (Fashion-MNIST is in memory)
+        left_out = len(preflight({"val": data.val}, mode=check_images, policy=on_bad_image, output=output,
+                                 progress=progress).bad)
     if len(data.classes) != models[0].num_classes:
         raise ValueError(
             f"the data has {len(data.classes)} classes ({val_dir or 'Fashion-MNIST'}) but the classifier of {paths[0]} "
@@ -119,7 +128,8 @@ def evaluate_checkpoints(paths: Sequence[str], options: ProtocolOptions = Protoc
                                "iter": m.get("iter"), "train_metrics": m.get("metrics")}
                         for name, path, (_, m) in zip(names, paths, loaded)},
         "data": {"source": val_dir or "fashion_mnist_test", "n_images": int(labels.numel()),
-                 "classes": data.classes, "mean": list(data.mean), "std": list(data.std)},
+                 "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
+                 "bad_images_left_out": left_out},
         "protocols": {"names": list(options.protocols), "train_size": train_size, **sizes,
                       "interpolation": interpolation, "fill": fill, "load_size": load_size},
         "results": results,

@@ -160,16 +160,18 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str, resume_help: str, c
     return r
 
 
-def add_image_check_args(g) -> None:
-    """--check-images and --on-bad-image (:mod:`res_backbone.data.preflight`), in the group ``g``."""
+def add_image_check_args(g, training: bool = True) -> None:
+    """--check-images and --on-bad-image (:mod:`res_backbone.data.preflight`), in the group ``g``; ``training``
+    False words them for an evaluation tool."""
     g.add_argument("--check-images", default="header", choices=("header", "full", "none"),
                    help="before the first step, check every image the data lists: header (exists, header decodes, "
                         "size matches the json's width/height, a JPEG/PNG is not cut short; the default), full "
                         "(decode every pixel), none. Results are cached in the output folder (preflight_cache.json)")
+    during = ("exit 2 before training; a fault mid-run writes a checkpoint and exits 2. skip: leave bad images "
+              "out (counted in the log and bad_images.json); a fault mid-run takes the next image instead"
+              if training else "exit 2 before evaluating. skip: evaluate without them (metrics.json counts them)")
     g.add_argument("--on-bad-image", default="error", choices=("error", "skip"),
-                   help="error (default): list every bad image in bad_images.json and exit 2 before training; a "
-                        "fault mid-run writes a checkpoint and exits 2. skip: leave bad images out (counted in the "
-                        "log and bad_images.json); a fault mid-run takes the next image instead")
+                   help=f"error (default): list every bad image in bad_images.json and {during}")
 
 
 def add_optimisation_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr, lr_help: str,

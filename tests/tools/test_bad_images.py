@@ -169,3 +169,25 @@ def test_check_images_tool(coco, tmp_path, capsys):
     assert len(_report(tmp_path / "c")["bad"]) == 5
     with pytest.raises(SystemExit):
         check_images.main(["--output", str(tmp_path)])
+
+
+def test_evaluation_tools_check_first(coco, tmp_path, caplog):
+    import eval_cls
+    import eval_loc
+
+    root = _folders(tmp_path / "imgs")
+    assert train_cls.main(_cls_args(root, tmp_path / "cls", "--max-iters", "1", "--check-images", "none")) == 0
+    (root / "val" / "a" / "0.png").write_bytes(b"")
+    common = ["--checkpoint", str(tmp_path / "cls" / "checkpoint_last.pt"), "--val-dir", str(root / "val"),
+              "--protocol", "center", "--no-progress", "--output", str(tmp_path / "ev")]
+    assert eval_cls.main(common) == 2 and "empty" in caplog.text
+    assert eval_cls.main(common + ["--on-bad-image", "skip"]) == 0
+    report = json.loads((tmp_path / "ev" / "eval_cls.json").read_text())
+    assert report["data"]["bad_images_left_out"] == 1 and report["data"]["n_images"] == 3
+    paths = _copy(coco, tmp_path)
+    assert train_loc.main(_loc_args(paths, tmp_path / "loc", "--max-iters", "1")) == 0
+    val = json.loads(open(paths["val_json"]).read())
+    (tmp_path / "data" / "val" / val["images"][0]["file_name"]).unlink()
+    args = ["--checkpoint", str(tmp_path / "loc" / "checkpoint_last.pt"), "--no-progress",
+            "--output", str(tmp_path / "le")]
+    assert eval_loc.main(args) == 2 and "missing: 1" in caplog.text
