@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional
 from res_backbone.weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
 
 TASKS = ("detection", "classification", "localization")
+FILE_TASKS = TASKS + ("backbone",)  # an exported file may also hold a task model's backbone
 META_KEY = "res_backbone_meta"  # the key under which exported files store json.dumps(model_meta(...))
 
 
@@ -106,7 +107,7 @@ def loads(text: Optional[str], *, source: str, expect_task: Optional[str] = None
     missing = [k for k in required if k not in meta]
     if missing:
         raise MetaError(f"{source}: '{META_KEY}' metadata lacks {', '.join(missing)}")
-    if meta["task"] not in TASKS:
+    if meta["task"] not in FILE_TASKS:
         raise MetaError(f"{source}: unknown task {meta['task']!r} in its metadata")
     if len(meta["class_names"]) != meta["num_classes"]:
         raise MetaError(f"{source}: metadata lists {len(meta['class_names'])} class names for "

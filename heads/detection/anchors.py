@@ -93,13 +93,12 @@ class AnchorGenerator(nn.Module):
 
     def _cached(self, grid_sizes: Sequence[Tuple[int, int]], device: torch.device, dtype: torch.dtype) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """``(per-level anchors, all levels concatenated)``, built once per grid sizes and device."""
-        key = (tuple(tuple(int(v) for v in g) for g in grid_sizes), str(device), dtype)
         if len(grid_sizes) != len(self.cells):
             raise ValueError(f"{len(grid_sizes)} feature maps for {len(self.cells)} anchor levels")
 
         def build() -> Tuple[List[torch.Tensor], torch.Tensor]:
             out = []
-            for (h, w), stride, cell in zip(key[0], self.strides, self.cells):
+            for (h, w), stride, cell in zip(grid_sizes, self.strides, self.cells):
                 xs = torch.arange(w, device=device, dtype=torch.float32) * stride
                 ys = torch.arange(h, device=device, dtype=torch.float32) * stride
                 sy, sx = torch.meshgrid(ys, xs, indexing="ij")
@@ -107,6 +106,9 @@ class AnchorGenerator(nn.Module):
                 out.append((shifts + cell.to(device).reshape(1, -1, 4)).reshape(-1, 4).to(dtype))
             return out, torch.cat(out)
 
+        if torch.compiler.is_exporting():  # sizes are symbolic: no cache keyed on them
+            return build()
+        key = (tuple(tuple(int(v) for v in g) for g in grid_sizes), str(device), dtype)
         return cached_for_size(self._cache, key, build)  # a data pipeline pads to few distinct sizes
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -15,6 +15,7 @@ import math
 from typing import Sequence, Tuple
 
 import torch
+from torchvision.ops import batched_nms, nms
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
@@ -101,3 +102,19 @@ class BoxCoder:
 
     def __repr__(self) -> str:
         return f"BoxCoder(weights={self.weights}, clip={self.clip:.4f})"
+
+
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """``torchvision.ops.batched_nms``: indices kept by NMS within each group, by decreasing score.
+
+    While ``torch.export`` traces (``tools/export.py``), always the coordinate-offset form (boxes of different
+    groups moved apart, one NMS): ``batched_nms`` chooses its form from ``boxes.numel()``, a data-dependent size
+    that export cannot branch on (pytorch/pytorch#146152). Both forms keep the same boxes.
+    """
+    if not torch.compiler.is_exporting():
+        return batched_nms(boxes, scores, groups, iou_threshold)
+    # the largest coordinate without a data-dependent branch on emptiness (an empty max() fails at run time:
+    # a graph exported so crashes on an image with no candidate boxes, pytorch/vision#2380)
+    top = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = groups.to(boxes) * (top + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)

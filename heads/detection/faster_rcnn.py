@@ -70,12 +70,12 @@ class FasterRCNN(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        image_sizes: Sequence[Tuple[int, int]],
+        image_sizes: Union[Sequence[Tuple[int, int]], torch.Tensor],
         targets: Optional[List[Dict[str, torch.Tensor]]] = None,
     ):
         """Args:
             images: ``(B, 3, H, W)`` resized, normalised, zero-padded bottom/right.
-            image_sizes: ``(h, w)`` of each image before padding.
+            image_sizes: ``(h, w)`` of each image before padding (a list, or a ``(B, 2)`` long tensor).
             targets: per image ``{"boxes": (G, 4) xyxy, "labels": (G,) in 1..K, ...}``; needed in
                 train mode.
 
@@ -102,7 +102,10 @@ class FasterRCNN(nn.Module):
 
 
     def _sizes_tensor(self, image_sizes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
-        """``(B, 2)`` long ``(h, w)`` on ``device``, cached per distinct value (read-only downstream)."""
+        """``(B, 2)`` long ``(h, w)`` on ``device``, cached per distinct value (read-only downstream). A
+        ``(B, 2)`` tensor is taken as it is (what an exported graph receives: its sizes are inputs)."""
+        if isinstance(image_sizes, torch.Tensor):
+            return image_sizes.to(device=device, dtype=torch.long)
         key = (tuple(tuple(int(v) for v in s) for s in image_sizes), str(device))
         return cached_for_size(self._sizes_cache, key,
                                lambda: torch.as_tensor(key[0], dtype=torch.long, device=device).reshape(-1, 2), limit=64)

@@ -10,9 +10,8 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms
 
-from .box_coder import BoxCoder
+from .box_coder import BoxCoder, grouped_nms
 from .rpn import _per_image_top, clip_boxes
 
 
@@ -53,12 +52,11 @@ def postprocess_detections(
     img = image_index.repeat_interleave(num_classes - 1)
     wh = boxes[:, 2:] - boxes[:, :2]
     cand = torch.nonzero((scores > score_thresh) & (wh >= min_size).all(dim=1)).squeeze(1)
-    keep = cand[batched_nms(boxes[cand], scores[cand], img[cand] * num_classes + labels[cand], nms_thresh)]
+    keep = cand[grouped_nms(boxes[cand], scores[cand], img[cand] * num_classes + labels[cand], nms_thresh)]
     keep = _per_image_top(keep, img, num_images, detections_per_img)
-    if num_images == 1:
-        counts = [keep.numel()]  # no bincount and no device-to-host copy
-    else:
-        counts = torch.bincount(img[keep], minlength=num_images).tolist()
+    if num_images == 1:  # no bincount, no device-to-host copy, no split (an exported graph keeps empty results)
+        return [{"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}]
+    counts = torch.bincount(img[keep], minlength=num_images).tolist()
     return [
         {"boxes": b, "scores": s, "labels": lab}
         for b, s, lab in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))

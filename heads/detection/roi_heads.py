@@ -81,6 +81,8 @@ class MultiLevelRoIAlign(nn.Module):
         feats = [features[n] for n in self.in_features]
         rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)
         size = (self.output_size, self.output_size)
+        if torch.compiler.is_exporting():
+            return self._pool_exportable(feats, rois, size)
         if bag_ops.use_bag(self.impl, feats[0].device, rois, size, self.scales[0], self.sampling_ratio):
             return self._pool_bags(feats, rois, size)
         if len(feats) == 1:
@@ -96,6 +98,19 @@ class MultiLevelRoIAlign(nn.Module):
             return rois.new_zeros((0, feats[0].shape[1]) + size)
         pooled = parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].dtype) for p in parts])
         return pooled.new_empty(pooled.shape).index_copy_(0, order, pooled)
+
+    def _pool_exportable(self, feats: List[torch.Tensor], rois: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """torchvision's RoIAlign per level, written without a branch on how many RoIs a level gets (what
+        ``torch.export`` needs; the same values as the other paths)."""
+        if len(feats) == 1:
+            return roi_align(feats[0], rois, size, self.scales[0], self.sampling_ratio, self.aligned)
+        levels = self.level_of(rois[:, 1:])
+        out = rois.new_zeros((rois.shape[0], feats[0].shape[1]) + size)
+        for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.nonzero(levels == lvl).squeeze(1)
+            pooled = roi_align(f, rois[idx], size, scale, self.sampling_ratio, self.aligned)
+            out = out.index_put((idx,), pooled.to(out.dtype))
+        return out
 
     def _pool_bags(self, feats: List[torch.Tensor], rois: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         r, bins = rois.shape[0], size[0] * size[1]

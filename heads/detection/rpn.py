@@ -13,10 +13,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from .anchors import AnchorGenerator, default_fpn_sizes
-from .box_coder import BoxCoder
+from .box_coder import BoxCoder, grouped_nms
 from .losses import rpn_loss
 from .matcher import Matcher
 from .sampler import BalancedSampler
@@ -171,12 +171,17 @@ class RegionProposalNetwork(nn.Module):
         depend on the sizes, so they are built once per size (no per-call kernel launches)."""
 
         def build() -> Tuple[torch.Tensor, ...]:
-            level = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks))
-            offsets = torch.tensor((0,) + ms[:-1]).cumsum(0)[level]
-            image_index = torch.arange(n)[:, None].expand(n, sum(ks)).reshape(-1)
+            level = torch.cat([torch.full((k,), lvl, dtype=torch.long) for lvl, k in enumerate(ks)])
+            starts = [0]
+            for m in ms[:-1]:
+                starts.append(starts[-1] + m)
+            offsets = torch.cat([torch.full((k,), s0, dtype=torch.long) for s0, k in zip(starts, ks)])
+            image_index = torch.arange(n)[:, None].expand(n, level.shape[0]).reshape(-1)
             groups = image_index * len(ks) + level.repeat(n)
             return tuple(t.to(device) for t in (offsets, image_index, groups))
 
+        if torch.compiler.is_exporting():  # sizes are symbolic: no cache keyed on them
+            return build()
         return cached_for_size(self._constants, (n, ks, ms, str(device)), build)
 
     @torch.no_grad()
@@ -198,7 +203,7 @@ class RegionProposalNetwork(nn.Module):
         boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
         wh = boxes[:, 2:] - boxes[:, :2]
         valid = torch.nonzero((wh >= self.min_size).all(dim=1) & (scores >= self.score_thresh)).squeeze(1)
-        keep = valid[batched_nms(boxes[valid], scores[valid], groups[valid], self.nms_thresh)]
+        keep = valid[grouped_nms(boxes[valid], scores[valid], groups[valid], self.nms_thresh)]
         keep = _per_image_top(keep, image_index, n, post_n)
         return boxes[keep], image_index[keep]
 
