@@ -209,6 +209,7 @@ def load_model(path: Union[str, os.PathLike], *, device: str = "cpu", expect_tas
     ckpt = load_checkpoint(path)
     meta = model_meta(ckpt, source=path)
     check_task(meta, expect_task, source=path)
+    meta["crop_pct"] = (ckpt.get("pretrained_cfg") or {}).get("crop_pct")  # classification's eval resize
     if meta["task"] == "detection":
         from heads.detection.ensemble import detector_from_checkpoint
 
@@ -280,6 +281,10 @@ class Predictor:
             if is_eager:  # the model stays where it is (from_files loads it onto the device)
                 if fast and hasattr(m, "inference_copy"):
                     m = m.inference_copy(AMP_DTYPES[amp])  # an eval-mode copy: a training model is left as it is
+                elif fast:
+                    from res_backbone import prepare_for_inference
+
+                    m = prepare_for_inference(m, autocast_dtype=AMP_DTYPES[amp])
                 else:
                     m = m.eval()
             self.models.append(m)

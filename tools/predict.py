@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Predict with a trained model on your own images, folders, lists and videos; write the answers into a folder.
+
+    python tools/predict.py --checkpoint runs/demo/checkpoint_best.pt --source photos/ --output runs/pred
+    python tools/predict.py --checkpoint a.pt b.pt --tta-flip --source "shots/**/*.jpg" clip.mp4 --vid-stride 10 \\
+        --output runs/pred --save-txt
+    python tools/predict.py --checkpoint det.pt --source aerial.tif --slice 512 --slice-overlap 0.25 --output o
+    python tools/predict.py --checkpoint det.pt --source val/ --coco-json val.json --output o   # loadRes-ready
+
+--checkpoint takes train_det/train_cls/train_loc checkpoints or files of tools/export.py (.onnx, .pt2,
+TorchScript); the model's task decides what is predicted (boxes; top-k classes; top-k classes with a box).
+Writes OUTPUT/predictions.json (a JSON list: file_name, frame for videos, category_id, category_name,
+bbox as COCO xywh in original pixels, score; with --coco-json its image_id), OUTPUT/skipped.json (files
+that could not be read, and why), OUTPUT/summary.json, OUTPUT/pictures/*.png and OUTPUT/labels/*.txt
+(--save-txt: one line per box "category_id x1 y1 x2 y2 score"). predictions.json is rewritten atomically
+as batches finish: an interrupted run leaves a valid file of what it finished. A bad file is skipped and
+named at the end, never a crash. Exit codes: 0 done, 1 crash, 2 bad input (message names the file).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from res_backbone.engine.run_config import run_tool
+
+log = logging.getLogger("predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--checkpoint", nargs="+", required=True,
+                    help="model file(s): a train_*.py checkpoint, .onnx, .pt2 or TorchScript; several = an ensemble "
+                         "(same task and classes)")
+    io.add_argument("--source", nargs="+", required=True,
+                    help="image files, folders, globs (quote them), .txt lists of paths (one a line) or videos")
+    io.add_argument("--recursive", action="store_true", help="also take images in subfolders of folder sources")
+    io.add_argument("--vid-stride", type=int, default=1, help="predict every N-th video frame (default 1)")
+    io.add_argument("--output", required=True, help="folder for predictions.json, skipped.json, pictures/, labels/")
+    io.add_argument("--coco-json", help="COCO annotations of the images: records get its image_id (matched by "
+                                        "file_name) so pycocotools' loadRes reads predictions.json as is; images "
+                                        "are then read as stored (no EXIF rotation) and taken in id order")
+    io.add_argument("--max-pictures", type=int, default=16, help="draw the answers on the first N images (default 16)")
+    io.add_argument("--no-pictures", dest="max_pictures", action="store_const", const=0, help="draw no pictures")
+    io.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt, one answer per line")
+    m = p.add_argument_group("model")
+    m.add_argument("--score-thresh", type=float, default=0.05,
+                   help="drop detections scoring below this (default 0.05, low enough for COCO AP)")
+    m.add_argument("--classes", nargs="+", help="keep only these classes (names or category ids; detectors)")
+    m.add_argument("--max-dets", type=int, help="keep the best N detections per image (default: all the model gives)")
+    m.add_argument("--topk", type=int, default=5, help="classes per image for classifiers/localizers (default 5)")
+    m.add_argument("--image-size", type=int, help="longer side (detectors) or side images are resized to "
+                                                  "(default: the training size stored in the model file)")
+    m.add_argument("--tta-scales", type=int, nargs="+", help="detectors: also predict at these longer sides")
+    m.add_argument("--tta-flip", action="store_true", help="detectors: also predict the mirrored images")
+    m.add_argument("--merge", default="nms", choices=("nms", "wbf"),
+                   help="how TTA/ensemble variants' boxes are merged: per-class NMS or weighted box fusion")
+    m.add_argument("--slice", type=int, metavar="PX",
+                   help="sliced prediction for very large images: square tiles of PX original pixels (e.g. the "
+                        "training size), predicted in batches and merged so objects on seams count once")
+    m.add_argument("--slice-overlap", type=float, default=0.2,
+                   help="fraction of a tile its neighbours overlap (default 0.2; >= object size / tile size)")
+    m.add_argument("--slice-full", action="store_true", help="with --slice: also one pass over the whole image "
+                                                             "(objects larger than a tile)")
+    r = p.add_argument_group("running")
+    r.add_argument("--batch-size", type=int, default=4, help="images (or tiles) per forward pass (default 4)")
+    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
+    r.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default none)")
+    r.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="run checkpoints as trained instead of their inference copy (BatchNorm folded, "
+                        "channels-last; same answers within float rounding)")
+    r.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2; 0: in the main thread)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    return run_tool(lambda: _predict(args), log)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from heads.predict_run import PredictConfig, run_prediction
+
+    cfg = PredictConfig(**vars(args))
+    s = run_prediction(cfg)
+    what = {"detection": "detections", "classification": "classified images", "localization": "localized images"}
+    print(f"{s['images']} image(s), {s['records']} {what[s['task']]} in {s['seconds']:.1f} s "
+          f"({s['img_per_s'] or 0:.1f} img/s; the model waited for images {100 * (s['wait_share'] or 0):.1f}% "
+          f"of the time)  ->  {s['output']}/predictions.json")
+    if s["skipped"]:
+        print(f"skipped {len(s['skipped'])} file(s) (listed in {s['output']}/skipped.json):")
+        for sk in s["skipped"][:20]:
+            print(f"  {sk['file_name']}: {sk['error']}")
+        if len(s["skipped"]) > 20:
+            print(f"  ... and {len(s['skipped']) - 20} more")
+    if not s["images"]:
+        log.error("no image could be predicted (%d skipped)", len(s["skipped"]))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
