@@ -25,27 +25,18 @@ log = logging.getLogger("eval_det")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from heads.predict_run import add_running_args, add_tta_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="one or more train_det.py checkpoints (several = an ensemble; same categories required)")
     p.add_argument("--val-json", help="COCO annotations to evaluate on (default: the checkpoint's val split)")
     p.add_argument("--val-images", help="image folder of --val-json (default: the checkpoint's)")
     p.add_argument("--image-size", type=int, help="longer image side (default: the checkpoint's training size)")
-    p.add_argument("--tta-scales", type=int, nargs="+", help="test at these longer-side sizes too, e.g. 384 512 640")
-    p.add_argument("--tta-flip", action="store_true", help="also test on horizontally mirrored images")
-    p.add_argument("--merge", default="nms", choices=("nms", "wbf"),
-                   help="how variants' boxes are merged: per-class NMS or weighted box fusion (default nms)")
-    p.add_argument("--merge-iou", type=float, default=0.55, help="IoU at which boxes of variants are merged (default 0.55)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
-    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default none)")
-    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
-                   help="predict with the model as trained instead of its inference copy (BatchNorm folded into "
-                        "the convs, channels-last; same detections within float rounding, 1.2-1.6x faster on CPU)")
+    add_tta_args(p)
+    add_running_args(p)
     p.add_argument("--num-pictures", type=int, default=8, help="val images drawn into predictions/ (default 8)")
     p.add_argument("--output", required=True, help="folder for metrics.json, detections.json, predictions/")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
 
 

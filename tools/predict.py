@@ -28,6 +28,8 @@ log = logging.getLogger("predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from heads.predict_run import add_running_args, add_tta_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--checkpoint", nargs="+", required=True,
@@ -52,10 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--topk", type=int, default=5, help="classes per image for classifiers/localizers (default 5)")
     m.add_argument("--image-size", type=int, help="longer side (detectors) or side images are resized to "
                                                   "(default: the training size stored in the model file)")
-    m.add_argument("--tta-scales", type=int, nargs="+", help="detectors: also predict at these longer sides")
-    m.add_argument("--tta-flip", action="store_true", help="detectors: also predict the mirrored images")
-    m.add_argument("--merge", default="nms", choices=("nms", "wbf"),
-                   help="how TTA/ensemble variants' boxes are merged: per-class NMS or weighted box fusion")
+    add_tta_args(m)
     m.add_argument("--slice", type=int, metavar="PX",
                    help="sliced prediction for very large images: square tiles of PX original pixels (e.g. the "
                         "training size), predicted in batches and merged so objects on seams count once")
@@ -64,14 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--slice-full", action="store_true", help="with --slice: also one pass over the whole image "
                                                              "(objects larger than a tile)")
     r = p.add_argument_group("running")
-    r.add_argument("--batch-size", type=int, default=4, help="images (or tiles) per forward pass (default 4)")
-    r.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
-    r.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default none)")
-    r.add_argument("--no-fast-path", dest="fast_path", action="store_false",
-                   help="run checkpoints as trained instead of their inference copy (BatchNorm folded, "
-                        "channels-last; same answers within float rounding)")
-    r.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2; 0: in the main thread)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_running_args(r)
     return p
 
 

@@ -7,11 +7,13 @@ predictor's size, so ``size`` = the training size keeps objects at their scale),
 the tiles' detections merged (:func:`merge_sliced`) so that an object is reported once:
 
 * an object inside the overlap of two tiles is found whole by both: the lower-scoring copy is suppressed
-  (IoU >= ``iou_thresh``, per class);
+  (IoU >= ``iou_thresh``; across tiles whatever the class each tile gave it, within a tile per class as the
+  detector's own NMS);
 * an object on a seam is cut by the edge of one tile and whole in its neighbour (the overlap is at least the
   object's size): a box touching an inner tile edge (within ``edge_margin`` px; image borders do not count) is
-  *cut*, and a cut box mostly inside a whole box of its class (intersection over the cut box's area
-  >= ``ios_thresh``) is dropped, whatever its score: the fragment must not survive next to the whole box;
+  *cut*, and a cut box mostly inside a whole box (intersection over the cut box's area >= ``ios_thresh``) is
+  dropped, whatever its score and class (a cross cut in half looks like a triangle): the fragment must not
+  survive next to the whole box;
 * an object larger than the overlap is cut in every tile: cut boxes of a class that overlap and line up across
   the seam (their extents along it agree, 1-D IoU >= 0.6) are fused into their union.
 
@@ -21,7 +23,7 @@ greedy-NMS/IoS variant with the cut-edge rule added.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,22 +89,43 @@ def _iou_1d(a0, a1, b0, b1):
     return inter / union.clamp(min=1e-9)
 
 
-def merge_sliced(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cut: torch.Tensor, *,
-                 iou_thresh: float = 0.5, ios_thresh: float = 0.6) -> Dict[str, torch.Tensor]:
+def merge_sliced(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cut: torch.Tensor,
+                 tiles: Optional[torch.Tensor] = None, *, iou_thresh: float = 0.5, ios_thresh: float = 0.6
+                 ) -> Dict[str, torch.Tensor]:
     """Merge the detections of all tiles of one image (module docstring), per class.
 
     Args:
         boxes: ``(N, 4)`` xyxy original pixels; scores ``(N,)``; labels ``(N,)``.
         cut: ``(N,)`` bool, the box touches an inner tile edge (:func:`cut_flags`).
+        tiles: ``(N,)`` the tile each box comes from (None: one tile): boxes of two tiles overlapping at
+            ``iou_thresh`` are one object whatever their classes (two views of one object; the better score wins).
         iou_thresh: two whole boxes overlapping this much are one object.
         ios_thresh: a cut box whose area lies this much inside a kept box is that object's fragment.
 
     Returns:
         ``{"boxes", "scores", "labels"}`` best first.
     """
+    keep = torch.ones(len(boxes), dtype=torch.bool)
+    if bool(cut.any()) and bool((~cut).any()):
+        # a fragment lying inside a whole box is dropped whatever its class: a cut cross looks like a triangle
+        frag = cut.nonzero().squeeze(1)
+        area = ((boxes[frag, 2] - boxes[frag, 0]) * (boxes[frag, 3] - boxes[frag, 1])).clamp(min=1e-9)
+        ios = _inter(boxes[frag], boxes[~cut]) / area[:, None]
+        keep[frag[(ios >= ios_thresh).any(1)]] = False
+    if tiles is not None and len(boxes):
+        # two tiles saw the same object and named it differently: keep the better view (greedy, best first)
+        order = torch.argsort(scores - 2.0 * cut.to(scores.dtype), descending=True, stable=True)
+        order = order[keep[order]]
+        iou = box_iou(boxes[order], boxes[order])
+        other_tile = tiles[order][:, None] != tiles[order][None, :]
+        alive = torch.ones(len(order), dtype=torch.bool)
+        for a in range(len(order)):
+            if alive[a]:
+                alive[a + 1:] &= ~((iou[a, a + 1:] >= iou_thresh) & other_tile[a, a + 1:])
+        keep[order[~alive]] = False
     out_b, out_s, out_l = [], [], []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
+    for c in labels[keep].unique():
+        idx = ((labels == c) & keep).nonzero().squeeze(1)
         # whole boxes first (best first), then cut ones: a fragment never suppresses its whole object
         order = idx[torch.argsort(scores[idx] - 2.0 * cut[idx].to(scores.dtype), descending=True, stable=True)]
         kept_b: List[torch.Tensor] = []
@@ -145,14 +168,15 @@ class Slicer:
     Args:
         size: tile side in original pixels; overlap: fraction of ``size`` neighbours share.
         full: also predict the whole image once at the predictor's size.
-        edge_margin: px from an inner tile edge within which a box counts as cut (default 1% of ``size``, >= 2).
+        edge_margin: px from an inner tile edge within which a box counts as cut (default 4% of ``size``, >= 4:
+            a box regressed from a cut object stops a few px short of the edge).
     """
 
     def __init__(self, size: int, overlap: float = 0.2, *, full: bool = False, edge_margin: float = None,
                  iou_thresh: float = 0.5, ios_thresh: float = 0.6):
         tile_windows(size, size, size, overlap)  # validates
         self.size, self.overlap, self.full = int(size), float(overlap), full
-        self.edge_margin = max(2.0, 0.01 * size) if edge_margin is None else float(edge_margin)
+        self.edge_margin = max(4.0, 0.04 * size) if edge_margin is None else float(edge_margin)
         self.iou_thresh, self.ios_thresh = iou_thresh, ios_thresh
 
     def prepare(self, predictor, image: np.ndarray) -> List[Tuple[torch.Tensor, float, Window]]:
@@ -194,8 +218,9 @@ class Slicer:
                 per_image[i].append(({"boxes": b, "scores": det["scores"], "labels": det["labels"]}, cut))
         results = []
         for i, dets in enumerate(per_image):
+            tile_ids = torch.cat([torch.full((len(c),), t) for t, (_, c) in enumerate(dets)])
             merged = merge_sliced(torch.cat([d["boxes"] for d, _ in dets]), torch.cat([d["scores"] for d, _ in dets]),
-                                  torch.cat([d["labels"] for d, _ in dets]), torch.cat([c for _, c in dets]),
+                                  torch.cat([d["labels"] for d, _ in dets]), torch.cat([c for _, c in dets]), tile_ids,
                                   iou_thresh=self.iou_thresh, ios_thresh=self.ios_thresh)
             results.append(predictor.finish(merged, images[i].shape[:2], items[i], max_dets=predictor.max_dets))
         return results
