@@ -244,7 +244,10 @@ class DetectionPredictor(Predictor):
         """One detection set from several variants' (the only one when there is one)."""
         if len(parts) == 1:
             return parts[0]
-        return merge_detections(parts, method=self.merge, iou_thresh=self.merge_iou, max_dets=max_dets or 100)
+        # boxes are float64 (original pixels); NMS wants scores of the same dtype
+        merged = merge_detections([dict(p, scores=p["scores"].double()) for p in parts], method=self.merge,
+                                  iou_thresh=self.merge_iou, max_dets=max_dets or 100)
+        return dict(merged, scores=merged["scores"].float())
 
     def finish(self, det: Part, orig_size: Sequence[int], item: Optional[Item] = None,
                max_dets: Optional[int] = None) -> DetectionResult:
