@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,21 +58,30 @@ def test_a_folder_with_broken_files_is_predicted_and_the_bad_ones_named(det, tmp
     (src / "garbage.png").write_bytes(b"\x89PNG not really")
     good = sorted((src / "sub").glob("*.png"))[0].read_bytes()
     (src / "truncated.png").write_bytes(good[: len(good) // 2])
+    (src / "broken.mp4").write_bytes(b"not a video")
+    cv2 = pytest.importorskip("cv2")
+    writer = cv2.VideoWriter(str(src / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 60 * i, np.uint8))
+    writer.release()
     out = tmp_path / "out"
     rc = predict.main(["--checkpoint", str(det["ckpt"]), "--source", str(src), "--recursive", "--output", str(out),
-                       "--max-pictures", "2", "--save-txt", "--no-progress", "--score-thresh", "0"])
+                       "--max-pictures", "2", "--save-txt", "--no-progress", "--score-thresh", "0",
+                       "--vid-stride", "2"])
     text = capsys.readouterr().out
     assert rc == 0
-    assert "6 image(s)" in text and "img/s" in text and "waited for images" in text
+    assert "8 image(s)" in text and "img/s" in text and "waited for images" in text  # 6 files, 2 video frames
+    bad = ["broken.mp4", "empty.jpg", "garbage.png", "truncated.png"]
     skipped = json.loads((out / "skipped.json").read_text())
-    assert sorted(Path(s["file_name"]).name for s in skipped) == ["empty.jpg", "garbage.png", "truncated.png"]
-    assert all(name in text for name in ("empty.jpg", "garbage.png", "truncated.png"))
+    assert sorted(Path(s["file_name"]).name for s in skipped) == bad
+    assert all(name in text for name in bad)
     records = json.loads((out / "predictions.json").read_text())
     assert records and {"file_name", "category_id", "category_name", "bbox", "score"} <= set(records[0])
     assert {r["category_id"] for r in records} <= {3, 7, 11, 15, 19}
-    assert len(list((out / "pictures").glob("*.png"))) == 2 and len(list((out / "labels").glob("*.txt"))) == 6
+    assert len(list((out / "pictures").glob("*.png"))) == 2 and len(list((out / "labels").glob("*.txt"))) == 8
+    assert sorted((out / "labels").glob("clip_*.txt"))[-1].name == "clip_000002.txt"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 6 and summary["skipped"] == 3 and 0 <= summary["wait_share"] <= 1
+    assert summary["images"] == 8 and summary["skipped"] == 4 and 0 <= summary["wait_share"] <= 1
 
 
 # The lead adds exported formats here once heads/exported.py lands: name -> (checkpoint .pt, tmp dir) -> model file.
