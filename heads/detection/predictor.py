@@ -184,6 +184,9 @@ class DetectionPredictor(Predictor):
         self.keep_labels = resolve_classes(classes, self.cat_ids, self.class_names)
         self.max_dets = max_dets
         self.slicer = None
+        if slice_size and len(self.scales) > 1:
+            raise ValueError("sliced prediction predicts every tile at one size: give --slice without --tta-scales "
+                             "(--tta-flip and ensembles work with it)")
         if slice_size:
             from .slicing import Slicer
 

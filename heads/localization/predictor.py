@@ -53,8 +53,8 @@ class LocalizationPredictor(Predictor):
         """``probs`` ``(B, K)`` and ``class_boxes`` ``(B, K, 4)`` normalised xyxy, averaged over the models."""
         probs, boxes = [], []
         k = int(self.meta["num_classes"])
-        for model in self.models:
-            if hasattr(model, "predict"):
+        for model, eager in zip(self.models, self.eager):
+            if eager and hasattr(model, "predict"):
                 with torch.no_grad(), autocast(self.device, self.amp):
                     out = model.predict(batch.to(self.device), k)  # its own scores (crop pass included)
             else:
