@@ -28,6 +28,8 @@ from .predictor import Item, SourceError, expand_sources, load_models
 
 log = logging.getLogger(__name__)
 
+PICTURE_SCORE = 0.3  # the least score of a box drawn in pictures/ (training's pictures use the same)
+
 __all__ = ["PredictConfig", "add_running_args", "add_tta_args", "run_prediction"]
 
 
@@ -148,8 +150,8 @@ def coco_image_ids(coco_json: str, items: List[Item], roots: Sequence[str], cat_
 class _Writer:
     """predictions.json / skipped.json (atomic rewrites), pictures and text files."""
 
-    def __init__(self, cfg: PredictConfig, out: Path):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: PredictConfig, out: Path, detection: bool):
+        self.cfg, self.out, self.detection = cfg, out, detection
         self.records: List[dict] = []
         self.skipped: List[dict] = []
         self.pictures = 0
@@ -170,7 +172,9 @@ class _Writer:
                 (self.out / "labels").mkdir(exist_ok=True)
                 (self.out / "labels" / f"{stem}.txt").write_text(result.to_txt())
             if self.pictures < self.cfg.max_pictures:
-                result.save(self.out / "pictures" / f"{stem}.png", image)
+                # pictures show the confident boxes only (as training's pictures): 0.05 boxes would hide the image
+                kw = {"score_thresh": max(PICTURE_SCORE, self.cfg.score_thresh)} if self.detection else {}
+                result.save(self.out / "pictures" / f"{stem}.png", image, **kw)
                 self.pictures += 1
 
     def skip(self, item: Item, err: BaseException) -> None:
@@ -205,7 +209,7 @@ def run_prediction(cfg: PredictConfig) -> Dict[str, Any]:
     predictor = build_predictor(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(cfg, out)
+    writer = _Writer(cfg, out, predictor.task == "detection")
     if cfg.coco_json:
         items, not_listed = coco_image_ids(cfg.coco_json, items, [s for s in cfg.source if Path(s).is_dir()],
                                            predictor.meta.get("cat_ids"))

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--coco-json", help="COCO annotations of the images: records get its image_id (matched by "
                                         "file_name) so pycocotools' loadRes reads predictions.json as is; images "
                                         "are then read as stored (no EXIF rotation) and taken in id order")
-    io.add_argument("--max-pictures", type=int, default=16, help="draw the answers on the first N images (default 16)")
+    io.add_argument("--max-pictures", type=int, default=16,
+                    help="draw the answers on the first N images (default 16; detectors: the boxes scoring >= 0.3, "
+                         "or --score-thresh if higher)")
     io.add_argument("--no-pictures", dest="max_pictures", action="store_const", const=0, help="draw no pictures")
     io.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt, one answer per line")
     m = p.add_argument_group("model")

@@ -83,22 +83,25 @@ class ClassificationResult:
         return "".join(lines)
 
     def save(self, out_path, image: Optional[np.ndarray] = None):
-        """Write ``image`` (default: the kept decoded image) as a PNG with the top classes written on it (and the
-        top class's box for localizers)."""
-        from res_backbone.visualize import draw_detections
+        """Write ``image`` (default: the kept decoded image) as a PNG with the top classes written on it, in a frame
+        around the image (classifiers) or on the top class's box (localizers)."""
+        from pathlib import Path
+
+        from res_backbone.visualize import render_detections
 
         image = self.image if image is None else image
         if image is None:
             raise ValueError("no image to draw on: pass image= (the stream yields the decoded image)")
+        H, W = self.orig_size
+        box = [0.0, 0.0, float(W - 1), float(H - 1)] if self.boxes is None else self.boxes[0].tolist()
         caption = ", ".join(f"{n} {s:.2f}" for n, s in zip(self.names[:3], self.scores.tolist()))
-        boxes = [] if self.boxes is None else [self.boxes[0].tolist()]
-        names = list(self.class_names)
-        if self.boxes is None:  # a whole-image frame carries the caption
-            H, W = self.orig_size
-            boxes = [[0.0, 0.0, float(W - 1), float(H - 1)]]
-        names[int(self.labels[0])] = caption
-        return draw_detections(image, boxes, [int(self.labels[0]) + 1], [float(self.scores[0])], [], [],
-                               ["background"] + names, out_path, score_thresh=0.0)
+        pil = render_detections(image, [box], [int(self.labels[0]) + 1], [float(self.scores[0])], [], [],
+                                self.class_names, score_thresh=0.0, upscale=max(1, round(480 / max(H, W))),
+                                pred_captions=[caption])
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pil.save(out, format="PNG")
+        return out
 
 
 class ClassificationPredictor(Predictor):

@@ -100,15 +100,17 @@ class DetectionResult:
                        for cat, b, s in zip(self.category_ids, self.boxes.tolist(), self.scores.tolist()))
 
     def save(self, out_path, image: Optional[np.ndarray] = None, score_thresh: float = 0.0):
-        """Draw the boxes (coloured by class, with names and scores) on ``image`` (default: the decoded image
-        kept by the predictor call) and write a PNG to ``out_path``."""
+        """Draw the boxes scoring ``score_thresh`` or more (coloured by class, with names and scores) on ``image``
+        (default: the decoded image kept by the predictor call; small images magnified) and write a PNG to
+        ``out_path``."""
         from res_backbone.visualize import draw_detections
 
         image = self.image if image is None else image
         if image is None:
             raise ValueError("no image to draw on: pass image= (the stream yields the decoded image)")
         return draw_detections(image, self.boxes.tolist(), self.labels.tolist(), self.scores.tolist(), [], [],
-                               self.class_names, out_path, score_thresh=score_thresh)
+                               self.class_names, out_path, score_thresh=score_thresh,
+                               upscale=max(1, round(480 / max(self.orig_size))))  # small images stay readable
 
 
 def to_original(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, scale: float,
