@@ -44,7 +44,30 @@ def make_shortcut(
     return None
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both blocks share: the shortcut, the final ReLU, zero-init of the last norm, the residual sum."""
+
+    def _finish(self, in_ch: int, out_ch: int, stride: int, shortcut: str, norm_layer, residual: bool,
+                last_norm: str) -> None:
+        self.relu = nn.ReLU(inplace=True)
+        self.residual = residual
+        self.downsample = make_shortcut(in_ch, out_ch, stride, shortcut, norm_layer) if residual else None
+        self.out_channels = out_ch
+        self._last_norm = last_norm
+
+    def zero_init_last(self) -> None:
+        """Zero the last norm's scale so the block starts as an identity (Goyal et al., 2017)."""
+        last = getattr(self, self._last_norm)
+        if self.residual and getattr(last, "weight", None) is not None:
+            nn.init.zeros_(last.weight)
+
+    def _add_shortcut(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs (ResNet-18/34). ``out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
 
     expansion = 1
@@ -73,25 +96,15 @@ class BasicBlock(nn.Module):
         self.bn1 = norm_layer(width)
         self.conv2 = conv3x3(width, out_ch)
         self.bn2 = norm_layer(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.residual = residual
-        self.downsample = make_shortcut(in_ch, out_ch, stride, shortcut, norm_layer) if residual else None
-        self.out_channels = self.conv2.out_channels
-
-    def zero_init_last(self) -> None:
-        """Zero the last norm's scale so the block starts as an identity (Goyal et al., 2017)."""
-        if self.residual and getattr(self.bn2, "weight", None) is not None:
-            nn.init.zeros_(self.bn2.weight)
+        self._finish(in_ch, out_ch, stride, shortcut, norm_layer, residual, "bn2")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
+        return self._add_shortcut(out, x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3, 1x1 expand (x4) (ResNet-50/101/152; paper, section 4.1 "Deeper Bottleneck
     Architectures").
 
@@ -122,23 +135,13 @@ class Bottleneck(nn.Module):
         self.bn2 = norm_layer(width)
         self.conv3 = conv1x1(width, out_ch)
         self.bn3 = norm_layer(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.residual = residual
-        self.downsample = make_shortcut(in_ch, out_ch, stride, shortcut, norm_layer) if residual else None
-        self.out_channels = self.conv3.out_channels
-
-    def zero_init_last(self) -> None:
-        """Zero the last norm's scale so the block starts as an identity (Goyal et al., 2017)."""
-        if self.residual and getattr(self.bn3, "weight", None) is not None:
-            nn.init.zeros_(self.bn3.weight)
+        self._finish(in_ch, out_ch, stride, shortcut, norm_layer, residual, "bn3")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
+        return self._add_shortcut(out, x)
 
 
 def block_stride(block: nn.Module) -> int:

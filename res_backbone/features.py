@@ -6,7 +6,7 @@ read channels and strides from it (or from ``output_shape()``); nothing guesses 
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 
 class ShapeSpec(NamedTuple):
@@ -38,3 +38,32 @@ def select_features(info: Sequence[dict], names: Iterable[str]) -> List[dict]:
 
 def shapes_from_info(info: Sequence[dict]) -> Dict[str, ShapeSpec]:
     return {f["name"]: ShapeSpec(f["num_chs"], f["reduction"]) for f in info}
+
+
+def take_indices(num_levels: int, indices: Optional[Union[int, Sequence[int]]] = None) -> Tuple[List[int], int]:
+    """timm's ``feature_take_indices``: which of ``num_levels`` levels to return, and the deepest one.
+
+    Args:
+        num_levels: levels the network computes (``len(feature_info)``: 5 ImageNet, 4 CIFAR).
+        indices: ``None`` every level; an int ``n`` the last ``n``; a sequence of indices (negative
+            ones count from the end).
+
+    Returns:
+        ``(absolute indices in the given order, largest of them)``.
+
+    Raises:
+        ValueError: an empty selection or an index outside ``0..num_levels - 1``.
+    """
+    if indices is None:
+        indices = num_levels
+    if isinstance(indices, int):
+        if not 0 < indices <= num_levels:
+            raise ValueError(f"indices={indices}: the last-n count must be in 1..{num_levels}")
+        taken = list(range(num_levels - indices, num_levels))
+    else:
+        taken = [num_levels + int(i) if int(i) < 0 else int(i) for i in indices]
+        bad = [i for i, t in zip(indices, taken) if not 0 <= t < num_levels]
+        if bad or not taken:
+            raise ValueError(f"indices={list(indices)}: each must be in {-num_levels}..{num_levels - 1} "
+                             f"(this network has {num_levels} levels) and at least one is needed")
+    return taken, max(taken)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from .blocks import BasicBlock, Bottleneck
 from .fpn import FPN
 from .weights.catalogue import DEFAULT_CFG
 from .weights.load import load_pretrained
-from .resnet import ResNet, ResNetBackbone, warn_if_frozen_random
+from .resnet import ResNet, ResNetBackbone
 
 _ARCHS: Dict[str, Callable[[], dict]] = {}
 Pretrained = Union[bool, str, os.PathLike, None]
@@ -156,6 +157,27 @@ def plain110():
     return _cifar(18, residual=False)
 
 
+def warn_if_frozen_random(norm: str, norm_eval: bool, frozen_stages: int, pretrained) -> None:
+    """Warn when BatchNorm statistics are frozen on randomly initialised weights (they stay 0/1)."""
+    if pretrained:
+        return
+    reasons = []
+    if norm == "frozen_bn":
+        reasons.append("norm='frozen_bn'")
+    if norm_eval:
+        reasons.append("norm_eval=True")
+    if frozen_stages:
+        reasons.append(f"frozen_stages={frozen_stages}")
+    if reasons:
+        warnings.warn(
+            f"{', '.join(reasons)} without pretrained weights: the frozen normalisation layers keep "
+            "their initial statistics (mean 0, var 1) and frozen convs stay random; pass "
+            "pretrained=True or a checkpoint path",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 # ---------------------------------------------------------------------- builders
 _ARCH_ONLY = ("block", "layers", "residual", "weights", "default_cfg")
 
@@ -190,7 +212,7 @@ def create_model(name: str, *, num_classes: int = 1000, pretrained: Pretrained =
                    **arch_kwargs(arch, **kwargs))
     _load(model, name, arch, pretrained)
     warn_if_frozen_random(model.norm, model.norm_eval, model.frozen_stages, pretrained)
-    model.model_name = name
+    model.model_name, model.model_kwargs = name, dict(kwargs, num_classes=num_classes)  # rebuild facts (weights/hub.py)
     return model
 
 
@@ -234,5 +256,5 @@ def create_backbone(
         model.attach_fpn(FPN(model.output_shape(), out_channels=fpn_channels, p6=fpn_p6))
     _load(model, name, arch, pretrained)
     warn_if_frozen_random(norm, model.norm_eval, frozen_stages, pretrained)
-    model.model_name = name
+    model.model_name, model.model_kwargs = name, dict(kwargs, norm=norm, output_stride=output_stride)
     return model

@@ -6,21 +6,25 @@ is strict and the logits are equal. :class:`ResNetBackbone` is the same network 
 classifier whose ``forward`` returns ``{"stem", "res2".."res5"}`` (or FPN's ``p2``..``p6``).
 """
 
-import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Type, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import BasicBlock, Bottleneck, block_stride
-from .features import ShapeSpec, feature_entry, select_features, shapes_from_info
+from .features import ShapeSpec, feature_entry, select_features, shapes_from_info, take_indices
 from .layers import get_norm_layer, is_norm, set_bn_eval
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 LEVEL_NAMES = ("stem",) + STAGE_NAMES
 BlockType = Type[Union[BasicBlock, Bottleneck]]
+
+
+class PoolTypeError(ValueError, AssertionError):
+    """An unsupported ``global_pool``; also an ``AssertionError``, which timm's models raise for a pool type
+    they lack (callers such as timm's tests catch that)."""
 
 
 class ResNet(nn.Module):
@@ -146,7 +150,10 @@ class ResNet(nn.Module):
         self.fc: nn.Module = nn.Identity()
         self.reset_classifier(num_classes, global_pool)
         self._init_weights(zero_init_last)
-        self.feature_info = self._build_feature_info()
+        # Every level the network computes, in execution order: the one description of the stages that
+        # feature_info, forward_stages, forward_intermediates and prune_intermediate_layers all read.
+        self.level_info = self._build_feature_info()
+        self.feature_info = [dict(f) for f in self.level_info]
         self._apply_freeze()
 
     # ------------------------------------------------------------------ construction helpers
@@ -230,21 +237,82 @@ class ResNet(nn.Module):
 
         Args:
             x: images ``(N, C_in, H, W)``, normalised.
-            out_features: any of ``stem``, ``res2``..``res5``.
+            out_features: any of ``stem``, ``res2``..``res5``; stages after the last one are not run.
 
         Returns:
             ``OrderedDict`` name -> ``(N, C, ceil(H / stride), ceil(W / stride))``.
         """
-        out: Dict[str, torch.Tensor] = OrderedDict()
+        names = [f["name"] for f in self.level_info]
+        take = [i for i, n in enumerate(names) if n in out_features]
+        if not take:
+            return OrderedDict()
+        feats = self.forward_intermediates(x, take, stop_early=True, intermediates_only=True)
+        return OrderedDict((names[i], f) for i, f in zip(take, feats))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm 1.0's feature API: the final map and the maps of the chosen levels of ``feature_info``.
+
+        Args:
+            x: images ``(N, C_in, H, W)``, normalised.
+            indices: levels of ``feature_info`` (0 = ``stem``, 1.. = ``res2``..): ``None`` all, an int
+                ``n`` the last ``n``, or a list (negative counts from the end).
+            norm: accepted for timm's signature; a ResNet has no final norm, so it changes nothing.
+            stop_early: skip the stages after the deepest requested level (the returned final map is
+                then that level's).
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list.
+
+        Returns:
+            ``(final, [maps])`` or ``[maps]``; ``final`` equals :meth:`forward_features` unless
+            ``stop_early`` stopped before the last stage; map ``i`` is ``(N, num_chs_i, ~H/r_i, ~W/r_i)``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: a ResNet's feature maps are 'NCHW' only")
+        taken, deepest = take_indices(len(self.level_info), indices)
+        out: Dict[int, torch.Tensor] = {}  # only the requested maps stay alive, as in forward_features
         x = self.stem(x)
-        if "stem" in out_features:
-            out["stem"] = x
+        if 0 in taken:
+            out[0] = x
         x = self.maxpool(x)
-        for name, stage in zip(STAGE_NAMES, self.stages()):
-            x = self._run_stage(stage, x)
-            if name in out_features:
-                out[name] = x
-        return out
+        last = deepest if stop_early else len(self.level_info) - 1
+        for i in range(1, last + 1):
+            x = self._run_stage(getattr(self, self.level_info[i]["module"]), x)
+            if i in taken:
+                out[i] = x
+        feats = [out[i] for i in taken]
+        return feats if intermediates_only else (x, feats)
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Remove what :meth:`forward_intermediates` no longer needs for ``indices`` (timm 1.0's API).
+
+        Stages after the deepest level become empty ``nn.Sequential`` (no parameters, so DDP sees none
+        unused; ``forward_features`` then ends at that level and ``num_features`` is its width); the
+        classifier goes when ``prune_head`` or when stages were cut. ``feature_info`` is unchanged, so
+        the returned indices stay valid. ``prune_norm`` is accepted for timm's signature (no final norm).
+
+        Returns:
+            The absolute indices to pass to :meth:`forward_intermediates`.
+        """
+        taken, deepest = take_indices(len(self.level_info), indices)
+        for level in self.level_info[deepest + 1:]:
+            setattr(self, level["module"], nn.Sequential())  # empty, still iterable by _run_stage
+        if deepest == 0:
+            self.maxpool = nn.Identity()
+        cut = deepest < len(self.level_info) - 1
+        if cut:
+            self.num_features = self.head_hidden_size = self.level_info[deepest]["num_chs"]
+        if prune_head or cut:
+            self.reset_classifier(0, "")
+        return taken
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map ``(N, num_features, H/32, W/32)``, ``H/4`` for CIFAR nets (timm's contract)."""
@@ -305,7 +373,7 @@ class ResNet(nn.Module):
         """
         global_pool = self.global_pool if global_pool is None else global_pool
         if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            raise PoolTypeError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         ref = self.conv1.weight
         self.num_classes, self.global_pool = num_classes, global_pool
         self.avgpool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
@@ -341,6 +409,7 @@ class ResNetBackbone(ResNet):
         last = max(LEVEL_NAMES.index(n) for n in self.out_features)
         for i in range(last + 1, 5):  # drop stages nothing asks for
             delattr(self, f"layer{i}")
+        self.level_info = self.level_info[: last + 1]
         del self.fc, self.avgpool
         self.body_info = [f for f in self.feature_info if f["name"] in self.out_features]
         self.fpn: Optional[nn.Module] = None
@@ -372,23 +441,7 @@ class ResNetBackbone(ResNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("a ResNetBackbone returns a dict of levels: call it directly")
 
+    def prune_intermediate_layers(self, *args, **kwargs) -> List[int]:
+        raise NotImplementedError("a ResNetBackbone builds only the stages up to its last out_features level; "
+                                  "choose them with create_backbone(name, out_features=...)")
 
-def warn_if_frozen_random(norm: str, norm_eval: bool, frozen_stages: int, pretrained) -> None:
-    """Warn when BatchNorm statistics are frozen on randomly initialised weights (they stay 0/1)."""
-    if pretrained:
-        return
-    reasons = []
-    if norm == "frozen_bn":
-        reasons.append("norm='frozen_bn'")
-    if norm_eval:
-        reasons.append("norm_eval=True")
-    if frozen_stages:
-        reasons.append(f"frozen_stages={frozen_stages}")
-    if reasons:
-        warnings.warn(
-            f"{', '.join(reasons)} without pretrained weights: the frozen normalisation layers keep "
-            "their initial statistics (mean 0, var 1) and frozen convs stay random; pass "
-            "pretrained=True or a checkpoint path",
-            UserWarning,
-            stacklevel=3,
-        )

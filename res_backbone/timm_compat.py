@@ -7,7 +7,9 @@ Importing :mod:`res_backbone` runs this module, after which::
 builds through ``timm.models.build_model_with_cfg`` (so ``features_only``, ``pretrained_cfg``,
 ``num_classes``/``in_chans`` adaptation and ``timm.data.resolve_data_config`` behave as for timm's own
 models). Pretrained tags are the catalogue's (``tv_in1k``, ``tv2_in1k``, ``a1_in1k``); weights are
-looked up in the local torchvision / Hugging Face caches only, so a missing file fails at once.
+looked up in the local torchvision / Hugging Face caches only, so a missing file fails at once. A model
+timm sources itself (``local-dir:FOLDER``, ``hf-hub:USER/REPO``, ``pretrained_cfg_overlay=dict(file=...)``)
+loads what timm hands over; :mod:`res_backbone.weights.hub` writes such folders.
 """
 from __future__ import annotations
 
@@ -90,11 +92,19 @@ def _tag_of(variant: str, pretrained_cfg) -> Optional[str]:
     return default.tag if default is not None else None
 
 
+def _timm_has_weights(pretrained_cfg, overlay: dict) -> bool:
+    """Whether timm was handed the weights: a file or state dict, or a ``local-dir:`` / ``hf-hub:`` model
+    (whose ``config.json`` came with them). Only otherwise do we look in the local caches ourselves."""
+    cfg = pretrained_cfg.to_dict() if isinstance(pretrained_cfg, PretrainedCfg) else pretrained_cfg
+    cfg = {**(cfg if isinstance(cfg, dict) else {}), **overlay}
+    return bool(cfg.get("file") or cfg.get("state_dict")) or cfg.get("source") in ("local-dir", "hf-hub")
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> TimmResNet:
     arch = get_arch(variant[len(PREFIX):])
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
+    if pretrained and not _timm_has_weights(pretrained_cfg, overlay):
         # Resolve from the local caches ourselves: no network call, an immediate, explicit error.
         tag = _tag_of(variant, pretrained_cfg)
         path, _ = resolve(arch["weights"] or variant[len(PREFIX):], tag or True)

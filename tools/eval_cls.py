@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from res_backbone.engine.run_config import run_tool
+from res_backbone.engine.run_config import add_image_check_args, run_tool
 
 log = logging.getLogger("eval_cls")
 
@@ -84,32 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several checkpoints, skip the ensemble row")
     p.add_argument("--output", help="folder for eval_cls.json (default: the first checkpoint's folder)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_image_check_args(p, training=False)
     return p
-
-
-def _row_names(paths: Sequence[str]) -> List[str]:
-    """Short unique names for the table: file names, with parent folders added until unique."""
-    parts = [Path(p).resolve().parts for p in paths]
-    for depth in range(1, max(len(x) for x in parts) + 1):
-        names = ["/".join(x[-depth:]) for x in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [str(p) for p in paths]
-
-
-def _check_compatible(paths: Sequence[str], models) -> Optional[str]:
-    """Why the checkpoints cannot share one data pipeline / ensemble, or None."""
-    ref = models[0].pretrained_cfg
-    for path, m in zip(paths[1:], models[1:]):
-        cfg = m.pretrained_cfg
-        for key in ("mean", "std"):
-            if [float(v) for v in cfg.get(key, ())] != [float(v) for v in ref.get(key, ())]:
-                return f"{path} normalises with {key}={cfg.get(key)}, {paths[0]} with {ref.get(key)}"
-        if m.num_classes != models[0].num_classes:
-            return f"{path} has {m.num_classes} classes, {paths[0]} has {models[0].num_classes} classes"
-        if m.in_chans != models[0].in_chans:
-            return f"{path} takes {m.in_chans} input channels, {paths[0]} takes {models[0].in_chans}"
-    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -121,81 +97,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from heads.classification import load_classifier
-    from res_backbone.data.classification import ClassificationDataError, build_cls_datasets
-    from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
-    from res_backbone.engine.checkpoint import atomic_write_text
-    from res_backbone.evaluation.classification import (
-        collect_protocol_probs, default_protocol_sizes, errors_from_probs, markdown_table,
-    )
-    from res_backbone.weights.files import CheckpointMismatchError
+    from heads.classification.evaluate import ProtocolOptions, evaluate_checkpoints
+    from res_backbone.io import atomic_write_text
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-        loaded = [load_classifier(p, map_location=device) for p in args.checkpoint]
-    except (FileNotFoundError, CheckpointMismatchError, ValueError, RuntimeError) as e:
-        log.error("%s", e)
-        return 2
-    models = [m for m, _ in loaded]
-    problem = _check_compatible(args.checkpoint, models)
-    if problem:
-        log.error("checkpoints cannot be evaluated together: %s", problem)
-        return 2
-    cfg, meta = models[0].pretrained_cfg, loaded[0][1]
-    train_size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    defaults = default_protocol_sizes(train_size)
-    crop = args.crop or defaults["crop"]
-    resize = args.resize or defaults["resize"]
-    scales = args.scales or defaults["scales"]
-    mode = args.resize_mode or ("resize" if args.val_dir else "pad")
-    mean, std = [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
-    in_chans = models[0].in_chans
-    classes = meta.get("classes")
-    # The largest image any protocol cuts or resizes from: ImageFolder images are loaded at that square size.
-    load_size = max([resize, crop] + (list(scales) if "multiscale" in args.protocol else []))
-    try:
-        data = build_cls_datasets(data_dir=args.data_dir, val_dir=args.val_dir, in_chans=in_chans, train=False,
-                                  limit_val=args.limit, mean=mean, std=std, resize=load_size, crop=load_size,
-                                  classes=classes if args.val_dir else None,
-                                  interpolation=cfg.get("interpolation", "bilinear"))
-    except (FileNotFoundError, ClassificationDataError, ValueError) as e:  # FashionMNISTNotFoundError included
-        hint = "" if not isinstance(e, FashionMNISTNotFoundError) else " (or pass --val-dir)"
-        log.error("%s%s", e, hint)
-        return 2
-    if len(data.classes) != models[0].num_classes:
-        log.error("the data has %d classes (%s) but the classifier of %s has num_classes=%d: evaluate it on data "
-                  "with its classes, or fine-tune it first (tools/train_cls.py --pretrained %s, which starts a "
-                  "new %d-class classifier)", len(data.classes), args.val_dir or "Fashion-MNIST", args.checkpoint[0],
-                  models[0].num_classes, args.checkpoint[0], len(data.classes))
-        return 2
-    loader = torch.utils.data.DataLoader(data.val, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers)
-    names = _row_names(args.checkpoint)
-    fill = [(0.0 - m) / s for m, s in zip(data.mean, data.std)]  # a black pixel, as the training padding
-    probs, labels, sizes = collect_protocol_probs(
-        dict(zip(names, models)), loader, args.protocol, crop=crop, resize=resize, scales=scales, source_mode=mode,
-        fill=fill, average=args.average, interpolation=cfg.get("interpolation", "bilinear"), device=device,
-        progress=args.progress,
-    )
-    results = errors_from_probs(probs, labels, ensemble=args.ensemble)
-    table = markdown_table(results)
-    print(table)
     out_dir = Path(args.output) if args.output else Path(args.checkpoint[0]).resolve().parent
-    report = {
-        "checkpoints": {name: {"path": str(path), "model_name": m.get("model_name"), "epoch": m.get("epoch"),
-                               "iter": m.get("iter"), "train_metrics": m.get("metrics")}
-                        for name, path, (_, m) in zip(names, args.checkpoint, loaded)},
-        "data": {"source": args.val_dir or "fashion_mnist_test", "n_images": int(labels.numel()),
-                 "classes": data.classes, "mean": list(data.mean), "std": list(data.std)},
-        "protocols": {"names": list(args.protocol), "train_size": train_size, **sizes,
-                      "interpolation": cfg.get("interpolation", "bilinear"), "fill": fill, "load_size": load_size},
-        "results": results,
-        "table": table,
-    }
+    options = ProtocolOptions(protocols=args.protocol, scales=args.scales, crop=args.crop, resize=args.resize,
+                              resize_mode=args.resize_mode, average=args.average)
+    report = evaluate_checkpoints(args.checkpoint, options, data_dir=args.data_dir, val_dir=args.val_dir,
+                                  limit=args.limit, batch_size=args.batch_size, workers=args.workers,
+                                  device=args.device, ensemble=args.ensemble, progress=args.progress,
+                                  check_images=args.check_images, on_bad_image=args.on_bad_image, output=str(out_dir))
+    print(report["table"])
     path = atomic_write_text(json.dumps(report, indent=2) + "\n", out_dir / "eval_cls.json")
-    log.info("%d images, %d checkpoint(s) -> %s", labels.numel(), len(models), path)
+    log.info("%d images, %d checkpoint(s) -> %s", report["data"]["n_images"], len(args.checkpoint), path)
     return 0
 
 

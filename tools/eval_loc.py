@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone.engine.run_config import run_tool
+from res_backbone.engine.run_config import add_image_check_args, run_tool
 
 log = logging.getLogger("eval_loc")
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the checkpoint's; 0 = the crop classifier alone, 0.5 = the mean)")
     p.add_argument("--output", required=True, help="folder for metrics.json and predictions/")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_image_check_args(p, training=False)
     return p
 
 
@@ -65,6 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     from heads.localization import load_localizer
+    from res_backbone.data.preflight import preflight
     from res_backbone.data.localization import CocoLocalization, build_loc_eval_transforms
     from res_backbone.engine.checkpoint import CorruptCheckpointError
     from heads.localization.train import rgb_stats
@@ -98,6 +100,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         log.error("%s has categories %s but the model was trained on %s (%s)", val_json, dataset.cat_ids,
                   ck.get("cat_ids"), ", ".join(classes))
         return 2
+    checked = preflight({"val": dataset}, mode=args.check_images, policy=args.on_bad_image, output=args.output,
+                        progress=args.progress)  # every bad image at once; skip: evaluated without them
     if len(dataset) == 0:
         log.error("%s: no image has a usable box (%d skipped)", val_json, dataset.skipped_empty)
         return 2
@@ -116,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, tta_flip=tta_flip, metrics_path=out / "metrics.json", pictures_dir=out / "predictions",
         num_pictures=args.num_pictures, progress=args.progress,
         extra={"checkpoint": str(args.checkpoint), "checkpoint_iter": ck.get("iter"), "val_json": str(val_json),
-               "image_size": size, "model": ck.get("model_name"), "mode": model.mode, "classes": classes,
+               "image_size": size, "bad_images_left_out": len(checked.bad), "model": ck.get("model_name"), "mode": model.mode, "classes": classes,
                **({"first_cls_weight": model.first_cls_weight} if getattr(model, "crop_size", 0) else {})},
     )
     print(f"top-1 loc err {metrics['top1_loc_err']:.2f}%  top-5 loc err {metrics['top5_loc_err']:.2f}%  "

@@ -11,7 +11,9 @@ Steps:
    (:mod:`res_backbone.weights.testing`) and point ``TORCH_HOME`` / ``HF_HUB_CACHE`` at them, with
    ``HF_HUB_OFFLINE=1``, so the suite's pretrained tests go through our offline loading for real;
 4. run pytest with ``TORCH_BACKEND=res_backbone`` (the suite imports that module before
-   collecting) and :mod:`studies.timm_suite` as a plugin that keeps only the selected ``rb_*`` tests;
+   collecting) and :mod:`studies.timm_suite` as a plugin that keeps only the selected ``rb_*`` tests and adds
+   them to the feature-API tests timm runs for its own ResNets (``JOINED_TESTS``: forward_intermediates, the
+   features_only getter, pruning);
 5. print passed / failed / skipped per test function; exit 1 on any failure.
 
 Example::

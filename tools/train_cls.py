@@ -32,24 +32,18 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone import list_models
 from res_backbone.engine.config import opt_int
-from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
+from res_backbone.engine.run_config import (
+    add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
+)
 
 log = logging.getLogger("train_cls")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), "
-                                    "e.g. configs/cls/fmnist_resnet20.yaml or a run's config.yaml")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="resnet20", choices=list_models(), metavar="NAME",
-                   help=f"registered model: {', '.join(list_models())} (default resnet20)")
-    g.add_argument("--pretrained", default=None,
-                   help="initial weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, "
-                        "a1_in1k) or a checkpoint path (e.g. another train_cls.py run); a classifier of another "
-                        "size is dropped and re-initialised. Default: none (from scratch)")
+    p = train_parser(__doc__, "configs/cls/fmnist_resnet20.yaml")
+    g = add_model_args(p, backbone="resnet20",
+                       pretrained_note="; a classifier of another size is dropped and re-initialised")
     g.add_argument("--num-classes", type=opt_int, default=None,
                    help="classifier outputs; checked against the data's class count (default: taken from the data)")
     g.add_argument("--in-chans", type=opt_int, default=None, choices=(None, 1, 3), metavar="{1,3}",

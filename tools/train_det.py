@@ -38,34 +38,21 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone import list_models
-from res_backbone.engine.config import opt_int
-from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
+from res_backbone.engine.run_config import (
+    add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
+)
 
 log = logging.getLogger("train_det")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--config", help="YAML file of option: value defaults (keys = long options with '_'), e.g. configs/det/demo.yaml")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="resnet50", choices=list_models(), metavar="NAME",
-                   help=f"registered ResNet or plain twin: {', '.join(list_models())} (default resnet50)")
+    p = train_parser(__doc__, "configs/det/demo.yaml")
+    g = add_model_args(p, backbone="resnet50")
     g.add_argument("--arch", default="fpn", choices=("fpn", "c4"),
                    help="fpn: FPN p2-p6 with a 2-FC box head; c4: RoIs from res4, res5 as the per-RoI head (paper)")
-    g.add_argument("--pretrained", default=None,
-                   help="backbone weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, a1_in1k) "
-                        "or a checkpoint path (e.g. a train_cls.py checkpoint); default none (from scratch)")
-    g.add_argument("--frozen-stages", type=opt_int, default=None,
-                   help="freeze stem..stage k (1 = stem, 2 = +res2, ... 5 = all); default 2 with --pretrained, 0 without")
     g.add_argument("--norm", default=None, choices=("bn", "frozen_bn", "sync_bn", "gn"),
                    help="backbone normalisation layer (sync_bn is the DDP choice for small per-GPU batches); "
                         "default: from --bn-policy")
-    g.add_argument("--bn-policy", default=None, choices=("frozen", "norm_eval", "trainable"),
-                   help="backbone BatchNorm while fine-tuning: frozen (FrozenBatchNorm: statistics and affine fixed), "
-                        "norm_eval (statistics fixed, affine trained), trainable; default frozen with --pretrained "
-                        "and fewer than 16 images per batch, else trainable")
     g.add_argument("--fpn-channels", type=int, default=256, help="FPN width (default 256)")
     g.add_argument("--representation-size", type=int, default=1024, help="width of the 2-FC box head (default 1024)")
     g.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
@@ -96,11 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         milestones=(0.67, 0.89), warmup_iters=100, time_budget=False,
         lr_help="base learning rate (default 0.02 for batch 16; scale linearly)",
         help={"batch_size": "images per rank and iteration (default 4)"})
-    t.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (fine-tuning)")
-    t.add_argument("--freeze-backbone-iters", type=int, default=0,
-                   help="keep the pretrained backbone (not the FPN) frozen, BN statistics included, for the first N "
-                        "iterations, then train it")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_finetune_args(p, frozen_default="2 with --pretrained, 0 without", frozen_what="backbone (not the FPN)")
     r = add_run_args(p, output="runs/det",
                      resume_help="'auto' (newest valid checkpoint in --output) or a checkpoint path; default: start "
                                  "fresh",
@@ -130,9 +114,9 @@ def main(argv=None) -> int:
 
 
 def _train(args: argparse.Namespace, dist) -> int:
+    from heads.detection import train as det_run
     from heads.detection.run import run
     from res_backbone.engine import config as cfgmod
-    from heads.detection import train as det_run
 
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})

@@ -40,50 +40,25 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone import list_models
+from heads.localization.run import add_localizer_args
 from res_backbone.engine.config import opt_int
-from res_backbone.engine.run_config import add_optimisation_args, add_run_args, parse_args, run_tool
+from res_backbone.engine.run_config import (
+    add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
+)
 
 log = logging.getLogger("train_loc")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), "
-                                    "e.g. configs/loc/fmnist_resnet18.yaml")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=None, choices=list_models(), metavar="NAME",
-                   help=f"registered ResNet, CIFAR net or plain twin: {', '.join(list_models())} (default resnet18; "
-                        "with --cls-checkpoint the checkpoint's architecture is used and must agree)")
-    g.add_argument("--pretrained", default=None,
-                   help="backbone weights for joint training: 'auto' (local torchvision/timm caches), a tag, or a path "
-                        "(an ImageNet file or a train_cls.py checkpoint; grey-level ones are adapted to RGB), or 'none' "
-                        "(from scratch, the default)")
+    p = train_parser(__doc__, "configs/loc/fmnist_resnet18.yaml")
+    g = add_model_args(p, backbone=None,
+                       backbone_note="resnet18, or with --cls-checkpoint the checkpoint's architecture")
     g.add_argument("--mode", default="scr", choices=("scr", "pcr"),
                    help="scr: one class-agnostic box; pcr: one box per class (default scr)")
     g.add_argument("--cls-checkpoint", default=None,
                    help="a train_cls.py checkpoint: its backbone and classifier are loaded and frozen, only the box "
                         "branch trains (its class count must match the data)")
-    g.add_argument("--grid", type=opt_int, default=None,
-                   help="the box branch pools the last feature map to grid x grid (default: that map's side at "
-                        "--image-size, at most 4)")
-    g.add_argument("--box-channels", type=int, default=128, help="1x1 conv width of the box branch (default 128)")
-    g.add_argument("--hidden", type=int, default=256, help="hidden width of the box branch's MLP (default 256)")
-    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier (default 0)")
-    g.add_argument("--crop-size", type=int, default=0,
-                   help="R-CNN-style second pass: the box's region, resampled to this side, goes through the backbone "
-                        "again and a second classifier; the class probabilities are the mean of both (0, the "
-                        "default: no second pass; 28 suits Fashion-MNIST items)")
-    g.add_argument("--crop-context", type=float, default=0.08,
-                   help="the crop pass enlarges the box by this fraction of its size on each side (default 0.08)")
-    g.add_argument("--crop-jitter", type=float, default=0.1,
-                   help="training crops come from the true box moved and scaled by up to this fraction (default 0.1)")
-    g.add_argument("--box-scale", type=float, default=1.0,
-                   help="with --crop-size: the first pass (box, first classifier) reads the image downscaled by this "
-                        "factor, crops come from the full-resolution image (default 1; 0.5 = a 4x cheaper first pass)")
-    g.add_argument("--first-cls-weight", type=float, default=0.5, metavar="W",
-                   help="with --crop-size: the class probabilities are W x the first classifier's + (1 - W) x the "
-                        "crop classifier's (default 0.5, their mean; 0: the crop classifier alone)")
+    add_localizer_args(g)
     d = p.add_argument_group("data")
     d.add_argument("--train-json", help="COCO annotations of the training split")
     d.add_argument("--train-images", help="folder the training json's file_name entries are relative to")
@@ -114,16 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = add_optimisation_args(
         p, epochs=3, batch_size=64, lr=0.002, optimizer="adamw", weight_decay=0.05, schedule="cosine",
         milestones=(0.67, 0.89), warmup_iters=50, lr_help="base learning rate (default 0.002, for adamw)")
-    f = p.add_argument_group("fine-tuning (with --pretrained; see res_backbone/transfer.py)")
-    f.add_argument("--freeze-backbone-iters", type=int, default=0,
-                   help="keep the pretrained backbone frozen, BN statistics included, for the first N iterations")
-    f.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (default 1)")
-    f.add_argument("--frozen-stages", type=opt_int, default=None,
-                   help="never train stem..stage k (1 = stem, 2 = +res2, ... 5 = all); default 0")
-    f.add_argument("--bn-policy", default=None, choices=("frozen", "norm_eval", "trainable"),
-                   help="backbone BatchNorm: frozen (FrozenBatchNorm: statistics and affine fixed), norm_eval "
-                        "(statistics fixed, affine trained), trainable; default frozen with --pretrained and fewer "
-                        "than 16 images per batch, else trainable")
+    add_finetune_args(p, frozen_default="0")
     t.add_argument("--cls-weight", type=float, default=1.0, help="weight of the cross-entropy term (default 1)")
     t.add_argument("--label-smoothing", type=float, default=0.0,
                    help="label smoothing of the classifiers' cross-entropy (default 0)")
@@ -145,14 +111,10 @@ def main(argv=None) -> int:
     return run_tool(lambda: _train(args), log)
 
 
-MODEL_FLAGS = ("grid", "box_channels", "hidden", "drop_rate", "crop_size", "crop_context", "crop_jitter", "box_scale",
-               "first_cls_weight")
-
-
 def _train(args: argparse.Namespace) -> int:
-    from heads.localization.run import run
-    from res_backbone.engine import config as cfgmod
     from heads.localization import train as loc_run
+    from heads.localization.run import MODEL_FLAGS, run
+    from res_backbone.engine import config as cfgmod
 
     out = Path(args.output)
     fields = set(loc_run.LocTrainConfig.__dataclass_fields__)

@@ -4,10 +4,10 @@
     python tools/weights.py list [--arch resnet50] [--dir /data/weights] [--json]
     python tools/weights.py verify ~/.cache/torch/hub/checkpoints/resnet50-11ad3fa6.pth
     python tools/weights.py convert resnet50-11ad3fa6.pth r50_tv2.safetensors --to res_backbone
+    python tools/weights.py export-hub runs/cls/best.pth hub/my_resnet20   # timm.create_model('local-dir:...')
 
-Nothing is downloaded. The catalogue lives in :mod:`res_backbone.weights.catalogue`; this script only parses
-arguments and prints what :mod:`res_backbone.weights.identify` and :mod:`res_backbone.weights.convert`
-return.
+Nothing is downloaded. This script only parses arguments and prints what the library returns
+(:mod:`res_backbone.weights`: ``catalogue``, ``identify``, ``convert``, ``hub``).
 """
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from res_backbone.weights.cache import catalogue_rows, format_table
 from res_backbone.weights.catalogue import archs
 from res_backbone.weights.convert import FORMATS, convert_weights
 from res_backbone.weights.files import CheckpointMismatchError, UnreadableWeightsError
+from res_backbone.weights.hub import save_for_timm_hub
 from res_backbone.weights.identify import EXIT_MISMATCH, EXIT_OK, EXIT_UNREADABLE, verify_file
 
 EPILOG = f"""\
@@ -30,15 +33,14 @@ exit status:
             {EXIT_UNREADABLE} some file is missing or cannot be read as a checkpoint (this wins over {EXIT_MISMATCH})
   convert   {EXIT_OK} written and checked; 1 refused or the check failed (the message names file and key);
             {EXIT_UNREADABLE} the input is missing or unreadable
+  export-hub {EXIT_OK} written, timm rebuilds it with equal logits; 1 refused or check failed; {EXIT_UNREADABLE} unreadable
 caches searched: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints) and the
 Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub).
 """
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = catalogue_rows(args.arch, args.dir or ())
-    if args.present:
-        rows = [r for r in rows if r["local"]]
+    rows = [r for r in catalogue_rows(args.arch, args.dir or ()) if r["local"] or not args.present]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -50,25 +52,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress_bar(path: Path, quiet: bool):
-    """A tqdm byte counter for files over 64 MiB on a terminal; ``None`` otherwise."""
-    if quiet or not path.is_file() or path.stat().st_size < 64 << 20:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                leave=False, disable=None)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     worst, reports = EXIT_OK, []
     for name in args.files:
-        bar = _progress_bar(Path(name), args.json or args.quiet)
-        try:
-            rep = verify_file(name, load=not args.no_load, progress=bar.update if bar else None)
-        finally:
-            if bar is not None:
-                bar.close()
+        big = Path(name).is_file() and Path(name).stat().st_size >= 64 << 20 and not (args.json or args.quiet)
+        with tqdm(total=Path(name).stat().st_size if big else 0, unit="B", unit_scale=True, leave=False,
+                  desc=f"sha256 {Path(name).name}", disable=None if big else True) as bar:  # over 64 MiB only
+            rep = verify_file(name, load=not args.no_load, progress=bar.update if big else None)
         worst = max(worst, rep.exit_code)
         reports.append(rep)
         if not args.json:
@@ -78,39 +68,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return worst
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def _write(call) -> int:
+    """Run a writing command and print its result's lines, or the error (exit 2 unreadable input, 1 refused)."""
     try:
-        res = convert_weights(args.input, args.output, to=args.to, arch=args.arch, overwrite=args.force)
-    except (FileNotFoundError, UnreadableWeightsError) as e:
+        res = call()
+    except (FileNotFoundError, CheckpointMismatchError, ValueError, TypeError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNREADABLE
-    except (CheckpointMismatchError, ValueError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    known = f" ({res.weights})" if res.weights else ""
-    print(f"wrote {res.dst}: {res.to} layout, {res.arch}{known}, {res.num_tensors} tensors")
-    cfg = res.pretrained_cfg
-    test = f", test {cfg['test_input_size']} crop {cfg.get('test_crop_pct')}" if cfg.get("test_input_size") else ""
-    print(f"  data config: input {cfg.get('input_size')}, crop {cfg.get('crop_pct')}{test}, {cfg.get('interpolation')}, "
-          f"mean {cfg.get('mean')}, std {cfg.get('std')}")
-    for line in res.checks:
-        print(f"  checked: {line}")
-    for line in res.notes:
-        print(f"  note: {line}")
+        return EXIT_UNREADABLE if isinstance(e, (FileNotFoundError, UnreadableWeightsError)) else 1
+    print("\n".join(res.lines()))
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="List, verify and convert ImageNet ResNet weights (torchvision, timm, res_backbone). "
-                    "Never downloads anything.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,verify,convert}")
+def _subcommand(sub, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    p = sub.add_parser("list", help="every catalogued weight and where it is present locally",
-                       description="Print the catalogue (file, hash prefix, data config, published accuracy) "
-                                   "with the local copies found in the torch hub and Hugging Face caches.")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="List, verify, convert and export (timm hub) ImageNet ResNet "
+                                     "weights (torchvision, timm, res_backbone). Never downloads anything.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,verify,convert,export-hub}")
+
+    p = _subcommand(sub, "list", help="every catalogued weight and where it is present locally",
+                    description="Print the catalogue (file, hash prefix, data config, published accuracy) with the "
+                    "local copies found in the torch hub and Hugging Face caches.")
     p.add_argument("--arch", choices=archs(), help="only this depth (default all)")
     p.add_argument("--dir", action="append", metavar="DIR",
                    help="also look in DIR: as a plain folder of weight files, as a TORCH_HOME and as a "
@@ -119,25 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (every catalogue field, 'local': paths found)")
     p.set_defaults(func=cmd_list)
 
-    v = sub.add_parser("verify", help="hash files, check them against their names, say which weights they are",
-                       description="Compute each FILE's SHA-256 (streamed). If its name carries a torch-hub hash "
-                                   "prefix (resnet50-11ad3fa6.pth) or it is a Hugging Face blob, report MATCH or "
-                                   "MISMATCH; name the catalogued weights it is by name and by content; read it "
-                                   "(weights-only) and say which architecture its keys and shapes fit.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v = _subcommand(sub, "verify", help="hash files, check them against their names, say which weights they are",
+                    description="Compute each FILE's SHA-256 (streamed). If its name carries a torch-hub hash "
+                    "(resnet50-11ad3fa6.pth) or it is a Hugging Face blob, report MATCH or MISMATCH; name the "
+                    "catalogued weights it is by name and content; read it and say which architecture it fits.")
     v.add_argument("files", nargs="+", metavar="FILE", help="checkpoint files (.pth, .pt, .bin, .safetensors)")
     v.add_argument("--no-load", action="store_true", help="only hash; do not read the tensors")
     v.add_argument("--json", action="store_true", help="print one JSON report per file instead of text")
     v.add_argument("--quiet", action="store_true", help="no progress bar while hashing big files")
     v.set_defaults(func=cmd_verify)
 
-    c = sub.add_parser("convert", help="rewrite weights in another library's layout, checked by loading them",
-                       description="Read IN (torchvision/timm state dict, {'model'|'state_dict': ...} wrapper, "
-                                   "'module.' prefixes, or a res_backbone checkpoint) and write OUT in the --to "
-                                   "layout; OUT's suffix picks the container (.safetensors, else torch.save). "
-                                   "The result is loaded into the target library's model with strict key "
-                                   "matching and compared tensor by tensor with IN.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = _subcommand(sub, "convert", help="rewrite weights in another library's layout, checked by loading them",
+                    description="Read IN (torchvision/timm state dict, {'model'|'state_dict': ...} wrapper, "
+                    "'module.' prefixes, or a res_backbone checkpoint) and write OUT in the --to layout; OUT's "
+                    "suffix picks the container (.safetensors, else torch.save). The result is loaded into the "
+                    "target library's model with strict key matching and compared tensor by tensor with IN.")
     c.add_argument("input", metavar="IN", help="source checkpoint")
     c.add_argument("output", metavar="OUT", help="destination (.pth, .pt, .bin or .safetensors)")
     c.add_argument("--to", choices=FORMATS,
@@ -147,7 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--arch", help="architecture, e.g. resnet50 (default: from the file's metadata, its catalogue "
                                   "entry, or the one registered model its shapes fit)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    c.set_defaults(func=cmd_convert)
+    c.set_defaults(func=lambda a: _write(lambda: convert_weights(a.input, a.output, to=a.to, arch=a.arch,
+                                                                  overwrite=a.force)))
+
+    h = _subcommand(sub, "export-hub", help="write a checkpoint as a timm hub folder, checked by loading it with timm",
+                    description="Write CHECKPOINT (train_cls.py's, or 'convert --to res_backbone') as FOLDER/"
+                    "config.json + model.safetensors (timm's hub layout): timm.create_model('local-dir:FOLDER', "
+                    "pretrained=True) rebuilds architecture, classes, mean/std, input size; the tool checks that, "
+                    "logits bitwise, before reporting success.")
+    h.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint naming its model (model_name or arch)")
+    h.add_argument("folder", metavar="FOLDER", help="the hub folder to write (upload it as a Hugging Face repo)")
+    h.add_argument("--force", action="store_true", help="replace FOLDER if it exists and is not empty")
+    h.set_defaults(func=lambda a: _write(lambda: save_for_timm_hub(a.checkpoint, a.folder, overwrite=a.force)))
     return parser
 
 

@@ -17,6 +17,7 @@ load them directly.
 """
 from __future__ import annotations
 
+from contextlib import closing
 import json
 import logging
 import os
@@ -30,13 +31,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from res_backbone.data.classification import ClsDatasets, build_cls_datasets
+from res_backbone.data.preflight import GuardedDataset
 from res_backbone.data.samplers import EpochBatchSampler
 from res_backbone.engine import checkpoint as ckpt_mod
-from res_backbone.engine.cls_loop import evaluate, train_one_epoch
+from .loop import evaluate, train_one_epoch
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.budget import TimeBudgetPlan, log_plan
-from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
+from res_backbone.engine.optim import lr_factor, set_lr
 from res_backbone.engine.run_config import RunConfig
+from res_backbone.engine.runner import place_and_optimise
 from res_backbone.engine.runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
@@ -174,7 +177,8 @@ def make_loaders(cfg: ClsTrainConfig, data: ClsDatasets) -> ClsLoaders:
                   persistent_workers=cfg.workers > 0)
     # Private generators: creating a loader iterator must not consume the global torch RNG, which
     # augmentation and dropout draw from and the checkpoint restores.
-    train = DataLoader(data.train, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), **common)
+    guarded = GuardedDataset(data.train, cfg.on_bad_image, cfg.output)  # mid-run faults: the policy
+    train = DataLoader(guarded, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed), **common)
     val = None
     if data.val is not None:
         val = DataLoader(data.val, batch_size=cfg.batch_size * 2, shuffle=False,
@@ -185,8 +189,6 @@ def make_loaders(cfg: ClsTrainConfig, data: ClsDatasets) -> ClsLoaders:
 def checkpoint_payload(model: nn.Module, optimizer, scaler, *, it: int, iters_per_epoch: int, cfg: ClsTrainConfig,
                        data: ClsDatasets, state: dict) -> dict:
     """The checkpoint dict (see the module docstring); ``state`` carries best/metrics/timings."""
-    from res_backbone import __version__
-
     return {
         "model": model.state_dict(),
         "model_name": cfg.backbone,
@@ -194,18 +196,9 @@ def checkpoint_payload(model: nn.Module, optimizer, scaler, *, it: int, iters_pe
         "pretrained_cfg": pretrained_cfg_of(data, cfg.interpolation),
         "classes": list(data.classes),
         "task": "classification",
-        "iter": it,
-        "epoch": it // iters_per_epoch,
-        "config": _plain(cfg),
-        "metrics": dict(state.get("metrics") or {}),
         "best_top1_err": state["best_top1_err"],
-        "best_iter": state["best_iter"],
-        "train_time_s": state["train_time_s"],
-        "plan_max_iters": state.get("plan_max_iters"),
-        "library_version": __version__,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": ckpt_mod.rng_state(),
+        **ckpt_mod.training_fields(optimizer, scaler, it=it, iters_per_epoch=iters_per_epoch, config=_plain(cfg),
+                                   state=state),
     }
 
 
@@ -246,11 +239,7 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
 
     out = Path(cfg.output)
     device = torch.device(cfg.device)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(loaders.train)
     # the schedule's length: --max-iters / --epochs, or sized to --time-budget from the measured speed
     plan = TimeBudgetPlan(cfg.max_iters or cfg.epochs * iters_per_epoch, cfg.time_budget)
@@ -341,13 +330,10 @@ def fit(model: nn.Module, data: ClsDatasets, loaders: ClsLoaders, cfg: ClsTrainC
                  m["top1_err"], f", top-5 err {m['top5_err']:.2f}%" if m["top5_err"] is not None else "",
                  state["best_top1_err"])
 
-    try:
+    with closing(bar), closing(logger):
         run_epochs(start_iter=it, max_iters=lambda: plan.max_iters, iters_per_epoch=iters_per_epoch, sampler=loaders.sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                    checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
-    finally:
-        bar.close()
-        logger.close()
     return state["metrics"] or {}
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from res_backbone import transfer
+from res_backbone.data.preflight import finish_report, preflight
 from res_backbone.engine import config as cfgmod
 from . import train as det_run
 from res_backbone.engine.distributed import DistInfo
@@ -44,6 +45,8 @@ def run(cfg: det_run.DetTrainConfig, dist: DistInfo, *, norm: Optional[str] = No
     pretrained = True if cfg.pretrained == "auto" else cfg.pretrained
     # The data decides the class count, the weights decide the normalisation.
     train_set, val_set = det_run.load_datasets(cfg, dist)
+    checked = preflight({"train": train_set, "val": val_set}, mode=cfg.check_images, policy=cfg.on_bad_image,
+              output=out, progress=cfg.progress and dist.is_main)  # every bad image at once, before training
     # The BN policy follows from the weights (and the batch size) unless bn_policy/norm say otherwise.
     policy, norm, norm_eval = transfer.resolve_bn_policy(bn_policy, norm, pretrained=bool(pretrained),
                                                          batch_size=cfg.batch_size)
@@ -67,4 +70,7 @@ def run(cfg: det_run.DetTrainConfig, dist: DistInfo, *, norm: Optional[str] = No
     if norm == "sync_bn" and dist.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     data = det_run.prepare_data(cfg, dist, train_set, val_set, cfg.transfer["mean"], cfg.transfer["std"])
-    return det_run.fit(model, data, cfg, dist)
+    try:
+        return det_run.fit(model, data, cfg, dist)
+    finally:
+        finish_report(checked, cfg.output)  # + the faults met mid-run

@@ -5,6 +5,7 @@ The tool parses flags/YAML into a :class:`DetTrainConfig`, builds the model (``h
 """
 from __future__ import annotations
 
+from contextlib import closing
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from res_backbone.data import (
     CocoDetection, GroupedBatchSampler, build_eval_transforms, build_train_transforms, collate_detection,
     make_synthetic_coco, synthetic_paths,
 )
+from res_backbone.data.preflight import GuardedDataset
 from res_backbone.data.samplers import EpochSeeded, ResumableBatchSampler
 from res_backbone.evaluation.coco import coco_evaluate, gather_results, write_detections_json
 from res_backbone.transfer import BackboneFreeze
@@ -29,8 +31,9 @@ from res_backbone.engine.det_loop import NonFiniteLossError, predict, train_one_
 from res_backbone.engine.distributed import DistInfo, barrier
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.memory import peak_rss_report
-from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
-from res_backbone.engine.run_config import DEFAULTS, RunConfig, resolve_device
+from res_backbone.engine.optim import lr_factor, set_lr
+from res_backbone.engine.run_config import FineTuneConfig, SplitData, resolve_device
+from res_backbone.engine.runner import place_and_optimise
 from res_backbone.engine.runner import (  # noqa: F401  (re-exported: tools/train_det.py uses det_run.<name>)
     EXIT_PREEMPTED, Preempted, SignalFlag, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything, stop_requested, unwrap,
@@ -41,13 +44,12 @@ LIBRARY_VERSION = "0.1.0"
 
 
 @dataclass
-class DetTrainConfig(RunConfig):
+class DetTrainConfig(FineTuneConfig):
     """Every option of a detection run (the tool's flags, one to one)."""
 
     output: str = "runs/det"
     backbone: str = "resnet50"
     arch: str = "fpn"
-    pretrained: Optional[str] = None
     num_classes: Optional[int] = None
     train_json: Optional[str] = None
     train_images: Optional[str] = None
@@ -70,24 +72,15 @@ class DetTrainConfig(RunConfig):
     milestones: Sequence[float] = (0.67, 0.89)
     warmup_iters: int = 100
     grad_clip: Optional[float] = None
-    backbone_lr_mult: float = 1.0
-    freeze_backbone_iters: int = 0
     compile: bool = False
     workers: int = 2
-    num_pictures: int = DEFAULTS["num_pictures"]
     score_thresh_pictures: float = 0.3
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
-    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
 
 
 @dataclass
-class DetData:
-    train_set: CocoDetection
-    val_set: Optional[CocoDetection]
-    train_loader: DataLoader
-    val_loader: Optional[DataLoader]
-    train_sampler: object
+class DetData(SplitData):
     val_json: Optional[str]
     cat_ids: List[int]
     class_names: List[str]
@@ -143,7 +136,8 @@ def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, 
                   pin_memory=resolve_device(cfg.device).startswith("cuda"))
     # A private generator: creating a loader iterator must not consume the global torch RNG, which
     # the model's samplers use and the checkpoint restores.
-    train_loader = DataLoader(EpochSeeded(train_set, cfg.seed), batch_sampler=batches,
+    guarded = GuardedDataset(train_set, cfg.on_bad_image, cfg.output)  # mid-run faults: the policy
+    train_loader = DataLoader(EpochSeeded(guarded, cfg.seed), batch_sampler=batches,
                               generator=torch.Generator().manual_seed(cfg.seed), **common)
     val_loader = None
     if val_set is not None:
@@ -269,12 +263,7 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
     out = Path(cfg.output)
     device_name = resolve_device(cfg.device)
     device = torch.device(f"cuda:{dist.local_rank}" if device_name == "cuda" else device_name)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(data.train_loader)
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.train_json}: no training images (after filtering) for batch size {cfg.batch_size}")
@@ -351,13 +340,10 @@ def fit(model: nn.Module, data: DetData, cfg: DetTrainConfig, dist: DistInfo) ->
 
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not (cfg.progress and dist.is_main),
                dynamic_ncols=True)
-    try:
+    with closing(bar), closing(logger):
         it = run_epochs(start_iter=it, max_iters=max_iters, iters_per_epoch=iters_per_epoch,
                         sampler=data.train_sampler, train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                         checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval,
-                        checkpoint_before_eval=True)
+                        checkpoint_before_eval=True, fault_checkpoints=not dist.enabled)
         logger.log({"event": "end", **peak_rss_report()}, step=it)
-    finally:
-        bar.close()
-        logger.close()
     return metrics or {}

@@ -7,12 +7,42 @@ from pathlib import Path
 from typing import Optional
 
 from res_backbone import transfer
+from res_backbone.data.preflight import finish_report, preflight
 from res_backbone.engine import config as cfgmod
-from . import train as loc_run
+from res_backbone.engine.config import opt_int
 
 from . import build_localizer, localization_loss
+from . import train as loc_run
 
-__all__ = ["run"]
+__all__ = ["MODEL_FLAGS", "add_localizer_args", "run"]
+
+MODEL_FLAGS = ("grid", "box_channels", "hidden", "drop_rate", "crop_size", "crop_context", "crop_jitter", "box_scale",
+               "first_cls_weight")
+
+
+def add_localizer_args(g) -> None:
+    """The localizer's flags of ``tools/train_loc.py`` (their values reach :func:`run` as ``model_options``)."""
+    g.add_argument("--grid", type=opt_int, default=None,
+                   help="the box branch pools the last feature map to grid x grid (default: that map's side at "
+                        "--image-size, at most 4)")
+    g.add_argument("--box-channels", type=int, default=128, help="1x1 conv width of the box branch (default 128)")
+    g.add_argument("--hidden", type=int, default=256, help="hidden width of the box branch's MLP (default 256)")
+    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier (default 0)")
+    g.add_argument("--crop-size", type=int, default=0,
+                   help="R-CNN-style second pass: the box's region, resampled to this side, goes through the backbone "
+                        "again and a second classifier; the class probabilities are the mean of both (0, the "
+                        "default: no second pass; 28 suits Fashion-MNIST items)")
+    g.add_argument("--crop-context", type=float, default=0.08,
+                   help="the crop pass enlarges the box by this fraction of its size on each side (default 0.08)")
+    g.add_argument("--crop-jitter", type=float, default=0.1,
+                   help="training crops come from the true box moved and scaled by up to this fraction (default 0.1)")
+    g.add_argument("--box-scale", type=float, default=1.0,
+                   help="with --crop-size: the first pass (box, first classifier) reads the image downscaled by this "
+                        "factor, crops come from the full-resolution image (default 1; 0.5 = a 4x cheaper first pass)")
+    g.add_argument("--first-cls-weight", type=float, default=0.5, metavar="W",
+                   help="with --crop-size: the class probabilities are W x the first classifier's + (1 - W) x the "
+                        "crop classifier's (default 0.5, their mean; 0: the crop classifier alone)")
+
 
 
 def run(cfg: loc_run.LocTrainConfig, *, model_options: dict, label_smoothing: float = 0.0,
@@ -34,6 +64,8 @@ def run(cfg: loc_run.LocTrainConfig, *, model_options: dict, label_smoothing: fl
     out = Path(cfg.output)
     loc_run.seed_everything(cfg.seed, cfg.deterministic)
     train_set, val_set = loc_run.load_datasets(cfg)  # the data decides the class count
+    checked = preflight({"train": train_set, "val": val_set}, mode=cfg.check_images, policy=cfg.on_bad_image,
+              output=cfg.output, progress=cfg.progress)  # every bad image at once, before training
     # Weights load even when resuming (then overwritten): their pretrained_cfg sets the normalisation.
     pretrained = {"auto": True, "none": None, "": None}.get(str(cfg.pretrained).lower(), cfg.pretrained)
     if cfg.cls_checkpoint and (cfg.bn_policy or cfg.frozen_stages or cfg.freeze_backbone_iters
@@ -65,4 +97,7 @@ def run(cfg: loc_run.LocTrainConfig, *, model_options: dict, label_smoothing: fl
         raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
     loss_fn = partial(localization_loss, cls_weight=cfg.cls_weight, l1_weight=cfg.l1_weight,
                       giou_weight=cfg.giou_weight, label_smoothing=label_smoothing)
-    return loc_run.fit(model, loss_fn, data, cfg)
+    try:
+        return loc_run.fit(model, loss_fn, data, cfg)
+    finally:
+        finish_report(checked, cfg.output)  # + the faults met mid-run

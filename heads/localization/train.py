@@ -14,6 +14,7 @@ Everything a run writes goes to ``cfg.output``: ``config.yaml`` (by the tool), `
 """
 from __future__ import annotations
 
+from contextlib import closing
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from res_backbone.data.localization import (
     CocoLocalization, build_loc_eval_transforms, build_loc_train_transforms, collate_localization,
 )
+from res_backbone.data.preflight import GuardedDataset
 from res_backbone.data.samplers import ResumableBatchSampler
 from res_backbone.transfer import BackboneFreeze, input_stats
 from res_backbone.engine import checkpoint as ckpt_mod
@@ -36,8 +38,9 @@ from res_backbone.data.samplers import EpochSeeded
 from res_backbone.engine.det_loop import train_one_epoch
 from .evaluate import LossAdapter, evaluate, make_eval_loader
 from res_backbone.engine.logger import RunLogger
-from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
-from res_backbone.engine.run_config import DEFAULTS, RunConfig, resolve_device
+from res_backbone.engine.optim import lr_factor, set_lr
+from res_backbone.engine.run_config import FineTuneConfig, SplitData, resolve_device
+from res_backbone.engine.runner import place_and_optimise
 from res_backbone.engine.runner import (  # noqa: F401  (EXIT_PREEMPTED and Preempted re-exported for the tool)
     EXIT_PREEMPTED, Preempted, preemptible, resolve_resume, restore_training_state, run_epochs,
     save_run_checkpoint, seed_everything,
@@ -48,12 +51,11 @@ METRIC_KEYS = ("top1_loc_err", "top5_loc_err", "top1_cls_err", "top5_cls_err", "
 
 
 @dataclass
-class LocTrainConfig(RunConfig):
+class LocTrainConfig(FineTuneConfig):
     """Every option of a localization run (the tool's flags, one to one; ``config.yaml`` holds them)."""
 
     output: str = "runs/loc"
     backbone: Optional[str] = "resnet18"
-    pretrained: Optional[str] = None
     cls_checkpoint: Optional[str] = None
     mode: str = "scr"
     train_json: Optional[str] = None
@@ -83,8 +85,6 @@ class LocTrainConfig(RunConfig):
     milestones: Sequence[float] = (0.67, 0.89)
     warmup_iters: int = 50
     grad_clip: Optional[float] = None
-    backbone_lr_mult: float = 1.0
-    freeze_backbone_iters: int = 0
     frozen_stages: Optional[int] = None  # None: 0 (the tool resolves it; see res_backbone.transfer)
     bn_policy: Optional[str] = None  # None: from the weights and the batch size (transfer.default_bn_policy)
     cls_weight: float = 1.0
@@ -92,19 +92,12 @@ class LocTrainConfig(RunConfig):
     giou_weight: float = 2.0
     workers: int = 0
     cache_images: float = 0.0  # megabytes of decoded images kept per split
-    num_pictures: int = DEFAULTS["num_pictures"]
     tta_flip: bool = False
     localizer_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_localizer)
-    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
 
 
 @dataclass
-class LocData:
-    train_set: CocoLocalization
-    val_set: Optional[CocoLocalization]
-    train_loader: DataLoader
-    val_loader: Optional[DataLoader]
-    train_sampler: ResumableBatchSampler
+class LocData(SplitData):
     class_names: List[str]
     cat_ids: List[int]
 
@@ -164,7 +157,8 @@ def prepare_data(cfg: LocTrainConfig, train_set: CocoLocalization, val_set: Opti
     batches = ResumableBatchSampler(BatchSampler(base, cfg.batch_size, drop_last=True), base)
     # A private generator: creating a loader iterator must not consume the global torch RNG (dropout's,
     # restored by the checkpoint); EpochSeeded seeds each item's augmentation from (seed, epoch, index).
-    train_loader = DataLoader(EpochSeeded(train_set, cfg.seed), batch_sampler=batches, num_workers=cfg.workers,
+    guarded = GuardedDataset(train_set, cfg.on_bad_image, cfg.output)  # mid-run faults: the policy
+    train_loader = DataLoader(EpochSeeded(guarded, cfg.seed), batch_sampler=batches, num_workers=cfg.workers,
                               collate_fn=collate_localization, persistent_workers=cfg.workers > 0,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = make_eval_loader(val_set, cfg.batch_size * 2, cfg.workers, cfg.seed) if val_set is not None else None
@@ -180,8 +174,6 @@ def _plain(cfg: LocTrainConfig) -> dict:
 
 def checkpoint_payload(model: nn.Module, optimizer, scaler, it: int, iters_per_epoch: int, cfg: LocTrainConfig,
                        data: LocData, state: dict) -> dict:
-    from res_backbone import __version__
-
     return {
         "model": model.state_dict(),
         "localizer_kwargs": dict(cfg.localizer_kwargs),
@@ -191,18 +183,9 @@ def checkpoint_payload(model: nn.Module, optimizer, scaler, it: int, iters_per_e
         "pretrained_cfg": dict(getattr(model, "pretrained_cfg", {}) or {}),
         "image_size": int(cfg.image_size or 224),
         "task": "localization",
-        "iter": it,
-        "epoch": it // iters_per_epoch,
-        "config": _plain(cfg),
-        "metrics": dict(state.get("metrics") or {}),
         "best_top1_loc_err": state["best"],
-        "best_iter": state["best_iter"],
-        "train_time_s": state["train_time_s"],
-        "plan_max_iters": state.get("plan_max_iters"),
-        "library_version": __version__,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": ckpt_mod.rng_state(),
+        **ckpt_mod.training_fields(optimizer, scaler, it=it, iters_per_epoch=iters_per_epoch, config=_plain(cfg),
+                                   state=state),
     }
 
 
@@ -219,12 +202,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
 
     out = Path(cfg.output)
     device = torch.device(resolve_device(cfg.device))
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    optimizer, scaler = place_and_optimise(model, cfg, device)
     iters_per_epoch = len(data.train_loader)
     # The schedule's length and where the current pass stops: the cap, or sized to the time budget from
     # the speed measured as training goes (evaluation time is not training time).
@@ -311,14 +289,11 @@ def fit(model: nn.Module, loss_fn: Callable[..., Dict[str, torch.Tensor]], data:
         clock["start"] += time.perf_counter() - t_eval  # evaluation time is not training time
 
     bar = tqdm(total=max_iters, initial=it, desc="train", unit="it", disable=not cfg.progress, dynamic_ncols=True)
-    try:
+    with closing(bar), closing(logger):
         run_epochs(start_iter=it, max_iters=lambda: plan.max_iters, iters_per_epoch=iters_per_epoch,
                    sampler=data.train_sampler,
                    train_epoch=train_epoch, save=save, after_epoch=after_epoch,
                    checkpoint_every=cfg.checkpoint_every, logger=logger, output=out, pending_eval=pending_eval)
-    finally:
-        bar.close()
-        logger.close()
     return state["metrics"] or {}
 
 

@@ -183,6 +183,15 @@ class ImageFolderClassification(Dataset):
             self.samples = [self.samples[i] for i in keep]
         return self
 
+    def image_files(self):
+        """``(file path, path, None, "")`` of every sample, for the pre-flight check (no expected size)."""
+        return [(str(path), path, None, "") for path, _ in self.samples]
+
+    def exclude(self, paths) -> None:
+        """Leave these files out (the bad ones the pre-flight check found)."""
+        drop = set(map(str, paths))
+        self.samples = [(p, label) for p, label in self.samples if str(p) not in drop]
+
     def load(self, index: int) -> torch.Tensor:
         """The decoded image ``index`` as uint8 ``(in_chans, H, W)``."""
         path = self.samples[index][0]

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from .images import ImageDecodeError, load_rgb_image, read_image_size, safe_join
+from .images import ImageDecodeError, ImageSizeMismatchError, load_rgb_image, read_image_size, safe_join
 from .transforms import bboxes_to_tensor, labels_to_tensor
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise type(e)(f"{e} (image id {img_id}, from {self.ann_file})") from e.__cause__
         if image.shape[:2] != (info["height"], info["width"]):
             # Boxes are in the json's pixel frame; a different decoded size would silently misplace them.
-            raise ValueError(f"image {path} (image id {img_id}) decodes to {image.shape[1]}x{image.shape[0]} "
+            raise ImageSizeMismatchError(f"image {path} (image id {img_id}) decodes to {image.shape[1]}x{image.shape[0]} "
                              f"(w x h) but {self.ann_file} says {info['width']}x{info['height']}")
         if self._cached_bytes + image.nbytes <= self.cache_bytes:
             self._cache[img_id] = image.copy()
@@ -395,6 +395,24 @@ class CocoDetection(torch.utils.data.Dataset):
             raise RuntimeError(f"{len(problems)} bad image file(s) for {self.ann_file} under {self.image_root}:\n"
                                f"{lines}{more}")
         return problems
+
+    def image_files(self) -> List[Tuple[int, Optional[Path], Tuple[int, int], str]]:
+        """``(image id, path, (width, height) from the json, problem)`` of every image, for the pre-flight check
+        (:mod:`.preflight`); ``path`` is None, with the reason, for a name that cannot be joined to the root."""
+        out = []
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            try:
+                out.append((img_id, self._checked_path(img_id), (info["width"], info["height"]), ""))
+            except ValueError as e:
+                out.append((img_id, None, (info["width"], info["height"]), str(e)))
+        return out
+
+    def exclude(self, image_ids: Sequence[int]) -> None:
+        """Leave these images (and their boxes) out, e.g. the bad ones the pre-flight check found."""
+        drop = set(image_ids)
+        self.ids = [i for i in self.ids if i not in drop]
+        self.stats["images"] = len(self.ids)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
         img_id = self.ids[index]

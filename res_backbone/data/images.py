@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_FORMATS", "ImageDecodeError", "ImageTooLargeError", "MAX_IMAGE_PIXELS", "load_rgb_image",
+__all__ = ["IMAGE_FORMATS", "ImageDecodeError", "ImageSizeMismatchError", "ImageTooLargeError", "MAX_IMAGE_PIXELS", "load_rgb_image",
            "read_image_size", "safe_join"]
 
 PathLike = Union[str, os.PathLike]
@@ -44,6 +44,10 @@ IMAGE_FORMATS: Tuple[str, ...] = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "
 
 class ImageDecodeError(OSError):
     """An image file exists but cannot be read or decoded (message names the path and image id)."""
+
+
+class ImageSizeMismatchError(ValueError):
+    """An image decodes to another size than its annotation file says (its boxes would be misplaced)."""
 
 
 class ImageTooLargeError(ImageDecodeError):

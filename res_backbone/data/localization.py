@@ -177,6 +177,17 @@ class CocoLocalization(torch.utils.data.Dataset):
         _, boxes, labels = self._items[index]
         return int(labels[0]), boxes.copy(), labels.copy()
 
+    def image_files(self):
+        """``(image id, path, (width, height), problem)`` of every image (see ``CocoDetection.image_files``)."""
+        keep = set(self.ids)
+        return [entry for entry in self.detection.image_files() if entry[0] in keep]
+
+    def exclude(self, image_ids) -> None:
+        """Leave these images out (the bad ones the pre-flight check found)."""
+        drop = set(image_ids)
+        self._items = [item for item in self._items if self.detection.ids[item[0]] not in drop]
+        self.ids = [self.detection.ids[i] for i, _, _ in self._items]
+
     def image_path(self, index: int):
         """Path of item ``index``'s image file."""
         return self.detection.image_path(self.ids[index])

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_target, atomic_write_text, write_synced  # noqa: F401 (atomic_write_text re-exported)
+from ..version import __version__
 from .faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,26 @@ def rng_state() -> Dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def training_fields(optimizer, scaler, *, it: int, iters_per_epoch: int, config: Dict[str, Any],
+                    state: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields of a classification or localization checkpoint that describe the run, not the model:
+    position (``iter``, ``epoch``), ``config``, ``metrics``, ``best_iter``, ``train_time_s``, ``plan_max_iters``
+    (from the runner's ``state``), the optimizer/scaler states, the RNG states and the library version."""
+    return {
+        "iter": it,
+        "epoch": it // iters_per_epoch,
+        "config": config,
+        "metrics": dict(state.get("metrics") or {}),
+        "best_iter": state["best_iter"],
+        "train_time_s": state["train_time_s"],
+        "plan_max_iters": state.get("plan_max_iters"),
+        "library_version": __version__,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+    }
 
 
 def set_rng_state(state: Optional[Dict[str, Any]]) -> None:

@@ -12,7 +12,8 @@ Points (``iteration`` = iterations completed when the point is reached):
 * ``save`` - a checkpoint's bytes are written to its temporary file, not yet renamed into place.
 
 ``iterations`` is ``N`` or ``A-B`` (inclusive). Actions: ``TERM`` (default) and ``INT`` send that signal
-to this process, what a scheduler or Ctrl-C would; ``KILL`` sends SIGKILL (a crash: nothing runs after it).
+to this process, what a scheduler or Ctrl-C would; ``KILL`` sends SIGKILL (a crash: nothing runs after it);
+``RAISE`` raises :class:`InjectedFault` (a ``RuntimeError``: an unexpected exception, e.g. a bug, mid-step).
 
     RB_FAULT_INJECT=step:3:INT python tools/train_det.py ...    # Ctrl-C in the middle of iteration 4
 """
@@ -24,7 +25,11 @@ from typing import Optional, Tuple
 
 ENV = "RB_FAULT_INJECT"
 POINTS = ("batch", "step", "eval", "save")
-ACTIONS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}
+ACTIONS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL, "RAISE": None}
+
+
+class InjectedFault(RuntimeError):
+    """The ``RAISE`` action's exception."""
 
 _parsed: Tuple[Optional[str], Optional[tuple]] = (None, None)
 
@@ -60,4 +65,6 @@ def fault_point(name: str, iteration: Optional[int]) -> None:
         _parsed = (spec, parse(spec))
     point, first, last, action = _parsed[1]
     if point == name and first <= iteration <= last:
+        if action == "RAISE":
+            raise InjectedFault(f"{ENV}: injected exception at {name}, iteration {iteration}")
         os.kill(os.getpid(), ACTIONS[action])

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ from .runner import EXIT_PREEMPTED, Preempted
 from .optim_step import NonFiniteLossError
 
 __all__ = ["DEFAULTS", "EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_NON_FINITE", "EXIT_PREEMPTED", "EXIT_UNEXPECTED",
-           "BadInput", "RunConfig", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool"]
+           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_image_check_args", "add_model_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "train_parser"]
 
 EXIT_DONE, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 1, 2, 3
 
@@ -59,6 +59,30 @@ class RunConfig:
     eval_every: int = DEFAULTS["eval_every"]
     log_every: int = DEFAULTS["log_every"]
     progress: bool = True
+    check_images: str = "header"  # the pre-flight check of every image (res_backbone.data.preflight)
+    on_bad_image: str = "error"  # error: exit 2 before training; skip: leave bad images out
+
+
+@dataclass
+class FineTuneConfig(RunConfig):
+    """A run that puts a backbone (pre-trained or not) under a new task head: detection, localization."""
+
+    pretrained: Optional[str] = None
+    backbone_lr_mult: float = 1.0
+    freeze_backbone_iters: int = 0
+    num_pictures: int = DEFAULTS["num_pictures"]
+    transfer: Dict = field(default_factory=dict)  # weights, input channels, mean/std, BN policy (transfer.describe_transfer)
+
+
+@dataclass
+class SplitData:
+    """A run's two splits and their loaders (a task's data adds its class list and more)."""
+
+    train_set: Any
+    val_set: Any
+    train_loader: Any
+    val_loader: Any
+    train_sampler: Any
 
 
 class BadInput(ValueError):
@@ -70,6 +94,51 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def train_parser(doc: str, config_example: str) -> argparse.ArgumentParser:
+    """A training tool's parser: its docstring as the description, and ``--config`` (YAML defaults)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of option: value defaults (keys = long options with '_'), e.g. "
+                                    f"{config_example} or a run's config.yaml")
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser, *, backbone: Optional[str], backbone_note: str = "",
+                   pretrained_note: str = "") -> argparse._ArgumentGroup:
+    """The ``model`` group with --backbone (any registered name) and --pretrained; a tool adds its own flags.
+    ``backbone`` is the default; ``backbone_note`` replaces its description (e.g. when None means "decided later")."""
+    from .. import list_models
+
+    names = list_models()
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default=backbone, choices=names, metavar="NAME",
+                   help=f"registered model: {', '.join(names)} (default {backbone_note or backbone})")
+    g.add_argument("--pretrained", default=None,
+                   help="initial backbone weights: 'auto' (local torchvision/timm caches), a tag (tv_in1k, tv2_in1k, "
+                        "a1_in1k), a path (an ImageNet file, a timm hub folder or a train_cls.py checkpoint; grey "
+                        "ones are adapted to RGB), hf-hub:USER/REPO (from the local cache), or none (from scratch, "
+                        f"the default){pretrained_note}")
+    return g
+
+
+def add_finetune_args(p: argparse.ArgumentParser, *, frozen_default: str, frozen_what: str = "backbone"
+                      ) -> argparse._ArgumentGroup:
+    """The ``fine-tuning`` group (``res_backbone/transfer.py``): --frozen-stages --bn-policy
+    --freeze-backbone-iters --backbone-lr-mult. ``frozen_default`` ends --frozen-stages' help; ``frozen_what``
+    names what --freeze-backbone-iters holds."""
+    f = p.add_argument_group("fine-tuning (with --pretrained; see res_backbone/transfer.py)")
+    f.add_argument("--frozen-stages", type=opt_int, default=None,
+                   help=f"never train stem..stage k (1 = stem, 2 = +res2, ... 5 = all); default {frozen_default}")
+    f.add_argument("--bn-policy", default=None, choices=("frozen", "norm_eval", "trainable"),
+                   help="backbone BatchNorm: frozen (FrozenBatchNorm: statistics and affine fixed), norm_eval "
+                        "(statistics fixed, affine trained), trainable; default frozen with --pretrained and fewer "
+                        "than 16 images per batch, else trainable")
+    f.add_argument("--freeze-backbone-iters", type=int, default=0,
+                   help=f"keep the pretrained {frozen_what} frozen, BN statistics included, for the first N "
+                        "iterations, then train it")
+    f.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone learning rate = lr x this (default 1)")
+    return f
 
 
 def add_run_args(p: argparse.ArgumentParser, *, output: str, resume_help: str, checkpoint_help: str,
@@ -87,7 +156,22 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str, resume_help: str, c
     if pictures_help is not None:
         r.add_argument("--num-pictures", type=int, default=DEFAULTS["num_pictures"], help=pictures_help)
     r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_image_check_args(r)
     return r
+
+
+def add_image_check_args(g, training: bool = True) -> None:
+    """--check-images and --on-bad-image (:mod:`res_backbone.data.preflight`), in the group ``g``; ``training``
+    False words them for an evaluation tool."""
+    g.add_argument("--check-images", default="header", choices=("header", "full", "none"),
+                   help="before the first step, check every image the data lists: header (exists, header decodes, "
+                        "size matches the json's width/height, a JPEG/PNG is not cut short; the default), full "
+                        "(decode every pixel), none. Results are cached in the output folder (preflight_cache.json)")
+    during = ("exit 2 before training; a fault mid-run writes a checkpoint and exits 2. skip: leave bad images "
+              "out (counted in the log and bad_images.json); a fault mid-run takes the next image instead"
+              if training else "exit 2 before evaluating. skip: evaluate without them (metrics.json counts them)")
+    g.add_argument("--on-bad-image", default="error", choices=("error", "skip"),
+                   help=f"error (default): list every bad image in bad_images.json and {during}")
 
 
 def add_optimisation_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr, lr_help: str,

@@ -34,6 +34,8 @@ from torch import nn
 
 from . import checkpoint as ckpt_mod
 from .faults import fault_point
+from ..data.preflight import IMAGE_FAULTS, BadImageFault
+from .optim import build_optimizer
 from .optim_step import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def place_and_optimise(model: nn.Module, cfg: Any, device: torch.device):
+    """Move ``model`` to ``device`` (channels-last when ``cfg.channels_last``) and build its optimizer (from
+    ``cfg``'s optimizer, lr, momentum, weight_decay and, for fine-tuning runs, backbone_lr_mult) and, for fp16,
+    a grad scaler. Returns ``(optimizer, scaler or None)``."""
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, backbone_lr_mult=getattr(cfg, "backbone_lr_mult", 1.0))
+    return optimizer, (torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None)
+
+
 def resolve_resume(resume: Optional[str], output: Union[str, Path]) -> Optional[Path]:
     """Turn ``--resume`` into a checkpoint path.
 
@@ -226,6 +240,7 @@ def run_epochs(
     train_epoch: Callable[[int, Callable[[int], None]], int], save: Callable[..., None],
     after_epoch: Optional[Callable[[int, bool], None]] = None, checkpoint_every: int = 0, logger=None,
     output: Union[str, Path] = ".", pending_eval: bool = False, checkpoint_before_eval: bool = False,
+    fault_checkpoints: bool = True,
 ) -> int:
     """Run epochs until ``max_iters``; return the final iteration count.
 
@@ -248,11 +263,16 @@ def run_epochs(
         checkpoint_before_eval: write each pass's checkpoint before ``after_epoch`` (marked
             ``pending_eval``) instead of after it, and after it only at ``max_iters``: a run killed
             outright (SIGKILL, out of memory) during a long evaluation keeps the pass it trained (detection).
+        fault_checkpoints: on a bad image mid-run, write ``checkpoint_last.pt`` at the last completed iteration
+            and raise :class:`~res_backbone.data.preflight.BadImageFault` naming the file in one line; on any
+            other exception, write ``checkpoint_emergency.pt`` (never over the last good one) and re-raise.
+            False under ``torch.distributed``, where one rank cannot save alone.
 
     Raises:
         Preempted: SIGTERM/SIGINT arrived; the iteration in flight finished and was checkpointed (or
             the evaluation in flight was abandoned, and the checkpoint says so).
         NonFiniteLossError: from ``train_epoch``, logged and re-raised.
+        BadImageFault: an image failed mid-run (see ``fault_checkpoints``).
     """
     it = start_iter
     last_done = [it]  # the last completed iteration (where a non-finite stop is logged)
@@ -306,4 +326,43 @@ def run_epochs(
         except NonFiniteLossError:
             log_event({"event": "stopped_non_finite"}, last_done[0])
             raise
+        except IMAGE_FAULTS as e:  # a bad image mid-run (--on-bad-image error): keep what was trained
+            done = last_done[0]
+            log_event({"event": "bad_image", "error": str(e)}, done)  # with the worker's traceback, if any
+            if not fault_checkpoints:
+                raise
+            save(done)
+            raise BadImageFault(f"{_last_line(e)}; the {done} iteration(s) trained are in "
+                                f"{Path(output) / LAST_CHECKPOINT} (rerun with --resume auto)") from e
+        except Preempted:
+            raise
+        except Exception as e:  # a bug or a crash of the machine's stack: an emergency copy of the weights
+            done = last_done[0]
+            log_event({"event": "crashed", "error": f"{type(e).__name__}: {e}"}, done)
+            if fault_checkpoints:
+                _emergency_save(save, done, output)
+            raise
     return it
+
+
+EMERGENCY_CHECKPOINT = "checkpoint_emergency.pt"
+
+
+def _emergency_save(save: Callable[..., None], done: int, output: Union[str, Path]) -> None:
+    """Write the weights as they are after iteration ``done`` to ``checkpoint_emergency.pt`` (never over the
+    last good checkpoint; non-finite weights are refused by :func:`save_run_checkpoint`). Failing to write
+    it must not hide the error that brought us here."""
+    try:
+        save(done, EMERGENCY_CHECKPOINT)
+    except Exception as err:  # noqa: BLE001  (the original error is re-raised by the caller)
+        log.error("could not write an emergency checkpoint: %s", err)
+        return
+    path = Path(output) / EMERGENCY_CHECKPOINT
+    if path.is_file():
+        log.error("emergency checkpoint after iteration %d: %s (the last good checkpoint is untouched; "
+                  "--resume %s continues from it)", done, path, path)
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__

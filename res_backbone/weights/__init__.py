@@ -10,5 +10,8 @@ so no module of the package can cycle through it):
 * :mod:`.load` - loading into a model: strict reports, classifier dropping, input-channel adaptation.
 * :mod:`.identify` - SHA-256, which catalogued weights a file holds, ``verify``.
 * :mod:`.convert` - torchvision <-> timm <-> this project's checkpoint layout, checked by loading back.
+* :mod:`.hub` - writing a classifier or backbone in timm's hub layout (``config.json`` + ``model.safetensors``)
+  that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds with bitwise-equal logits.
+* :mod:`.hub_folder` - reading such a folder (or ``hf-hub:USER/REPO`` from the local cache) as ``pretrained=``.
 * :mod:`.testing` - random-weight files in the real formats under the real names, for tests.
 """

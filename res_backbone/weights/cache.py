@@ -107,12 +107,18 @@ def resolve(arch: str, pretrained: Union[bool, str, os.PathLike]) -> Tuple[Path,
         arch: registered depth, e.g. ``"resnet50"`` (plain twins have no ImageNet weights).
         pretrained: ``True`` (first catalogued file found locally), a catalogue tag
             (``"tv_in1k"``, ``"tv2_in1k"``, ``"a1_in1k"``, ``"a1h_in1k"``; torchvision's
-            ``"IMAGENET1K_V1"``/``"IMAGENET1K_V2"`` too), or a path to a checkpoint file.
+            ``"IMAGENET1K_V1"``/``"IMAGENET1K_V2"`` too), a path to a checkpoint file, or a timm hub
+            folder / ``hf-hub:USER/REPO`` (:mod:`.hub_folder`; its ``config.json`` gives the data config).
 
     Raises:
         PretrainedNotFoundError: naming every directory searched and the file name to place there.
     """
     if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool):
+        from .hub_folder import is_hub_source, read_hub_folder
+
+        if is_hub_source(pretrained):  # a timm hub folder (config.json + model.safetensors) or hf-hub:USER/REPO
+            path, cfg, _ = read_hub_folder(pretrained, hf_snapshot_paths)
+            return path, cfg
         text = os.fspath(pretrained)
         tags = {e.tag: e for e in entries_for(arch)}
         tags.update({e.tv_weights: e for e in entries_for(arch) if e.tv_weights})

@@ -56,6 +56,15 @@ class ConvertResult:
     checks: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
+    def lines(self) -> List[str]:
+        """What was written, its data config, the checks and notes, as ``tools/weights.py convert`` prints them."""
+        cfg, known = self.pretrained_cfg, f" ({self.weights})" if self.weights else ""
+        test = f", test {cfg['test_input_size']} crop {cfg.get('test_crop_pct')}" if cfg.get("test_input_size") else ""
+        return ([f"wrote {self.dst}: {self.to} layout, {self.arch}{known}, {self.num_tensors} tensors",
+                 f"  data config: input {cfg.get('input_size')}, crop {cfg.get('crop_pct')}{test}, "
+                 f"{cfg.get('interpolation')}, mean {cfg.get('mean')}, std {cfg.get('std')}"]
+                + [f"  checked: {line}" for line in self.checks] + [f"  note: {line}" for line in self.notes])
+
 
 def default_format(dst: PathLike) -> str:
     """``timm`` for a ``.safetensors`` output (the hub's container), ``torchvision`` otherwise."""

@@ -57,7 +57,11 @@ def test_backbone_tiny_run(tmp_path, extra):
     # every library in both memory formats (channels-last is the baselines' best eager setting)
     infer = ("torchvision", "torchvision_cl", "timm", "timm_cl", "ours_eager", "ours_cl", "ours")
     train = ("torchvision", "torchvision_cl", "timm", "timm_cl", "ours_eager", "ours")
-    assert got == {("infer", 1, k) for k in infer} | {("train", 2, k) for k in train}
+    features = ("ours_forward_features", "ours_intermediates_last", "ours_intermediates_all")  # timm's feature API
+    assert got == {("infer", 1, k) for k in infer} | {("train", 2, k) for k in train} | {("features", 1, k) for k in features}
+    (overhead,) = run["intermediates_overhead"]
+    assert overhead["all_ratio"] == pytest.approx(overhead["intermediates_all_ms"] / overhead["forward_features_ms"])
+    assert run["max_rel_diff"]["intermediates_final_b1"] == 0 and "forward_intermediates, same stages" in stdout
     for r in run["results"]:
         assert len(r["times_s"]) == 1 and r["img_per_s"] > 0 and r["median_ms"] > 0
     assert {(q["mode"], q["contender"]) for q in run["ratios"]} == {

@@ -1,5 +1,4 @@
 """A train_cls.py checkpoint (grey) as --pretrained for train_det.py and train_loc.py, and the fine-tuning flags."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,26 +9,12 @@ from res_backbone.data.fashion_mnist import write_fake_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+import train_det  # noqa: E402  (tools/ is on pytest's pythonpath)
+import train_loc  # noqa: E402
+from test_train_det import TINY  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}_ft", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_det, train_loc = _tool("train_det"), _tool("train_loc")
-DET_TINY = [
-    "--backbone", "resnet18", "--image-size", "64", "--synthetic-train", "8", "--synthetic-val", "2",
-    "--synthetic-size", "64", "--batch-size", "2", "--workers", "0", "--fpn-channels", "16",
-    "--representation-size", "32", "--rpn-pre-nms-top-n-train", "50", "--rpn-post-nms-top-n-train", "20",
-    "--rpn-pre-nms-top-n-test", "50", "--rpn-post-nms-top-n-test", "20", "--box-batch-size-per-image", "16",
-    "--rpn-batch-size-per-image", "32", "--anchor-sizes", "8", "16", "32", "64", "128", "--warmup-iters", "0",
-    "--schedule", "constant", "--lr", "0.01", "--log-every", "1", "--num-pictures", "0", "--no-progress",
-    "--checkpoint-every", "100",
-]
+DET_TINY = [*TINY, "--synthetic-train", "8", "--synthetic-val", "2", "--num-pictures", "0", "--checkpoint-every", "100"]
 
 
 @pytest.fixture(scope="module")

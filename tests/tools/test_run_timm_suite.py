@@ -9,7 +9,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from studies.timm_suite import EXIT_NO_SDIST
+from studies.timm_suite import EXIT_NO_SDIST, JOINED_TESTS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,3 +32,8 @@ def test_timm_own_suite(tmp_path, not_run):
             case = cases[f"{test}[1-rb_resnet18.{tag}]"]
             assert case.find("skipped") is None and case.find("failure") is None
     assert any("rb_plain18" in n for n in cases)
+    # timm 1.0's feature API tests (selected by module 'resnet' or by name lists) run for ours too, and pass
+    for test in JOINED_TESTS:
+        for name in ("rb_resnet18", "rb_plain18"):
+            (case,) = [c for n, c in cases.items() if n.startswith(f"{test}[") and name in n.split("[")[1]]
+            assert case.find("skipped") is None and case.find("failure") is None, (test, name)

@@ -91,7 +91,7 @@ def test_checkpoint_contract_and_loading(run):
 
     # The loaded model reproduces the run's final evaluation.
     from res_backbone.data.classification import build_cls_datasets
-    from res_backbone.engine.cls_loop import evaluate
+    from heads.classification.loop import evaluate
 
     val = build_cls_datasets(data_dir=data, train=False).val
     m = evaluate(loaded, torch.utils.data.DataLoader(val, batch_size=16), torch.device("cpu"))

@@ -1,5 +1,4 @@
 """tools/train_loc.py and tools/eval_loc.py end to end on a tiny built-in set (fake Fashion-MNIST, CPU, seconds)."""
-import importlib.util
 import json
 import os
 import signal
@@ -11,26 +10,13 @@ import torch
 
 from res_backbone.data.fashion_mnist import write_fake_fashion_mnist
 
+import eval_loc  # noqa: E402  (tools/ is on pytest's pythonpath)
+import train_loc  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_loc, eval_loc = _tool("train_loc"), _tool("eval_loc")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two threads per op wait on each other (3-10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(base: Path, *extra: str):

@@ -50,7 +50,8 @@ def test_help_explains_every_subcommand_flag_and_exit_code(tool, capsys):
     assert all(c in out for c in ("list", "verify", "convert", "exit status"))
     for sub, flags in {"list": ("--arch", "--dir", "--present", "--json"),
                        "verify": ("--no-load", "--json", "--quiet", "FILE", "1 some file's SHA-256 differs"),
-                       "convert": ("--to", "--arch", "--force", "IN", "OUT", "torchvision", "timm", "res_backbone")}.items():
+                       "convert": ("--to", "--arch", "--force", "IN", "OUT", "torchvision", "timm", "res_backbone"),
+                       "export-hub": ("CHECKPOINT", "FOLDER", "--force", "local-dir:FOLDER")}.items():
         with pytest.raises(SystemExit):
             tool.main([sub, "--help"])
         out = capsys.readouterr().out
@@ -132,3 +133,45 @@ def test_convert_errors_and_exit_codes(tool, r18_files, tmp_path, capsys):
     assert "not f37072fd: the catalogue's data config was not used" in capsys.readouterr().out
     assert tool.main(["convert", str(r18_files["liar"]), str(out)]) == 1
     assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_export_hub_cli_writes_a_folder_timm_loads(tool, tmp_path, capsys):
+    from res_backbone.weights.testing import write_tiny_cls_checkpoint
+
+    ckpt = write_tiny_cls_checkpoint(tmp_path / "best.pth")
+    assert tool.main(["export-hub", str(ckpt), str(tmp_path / "hub")]) == 0
+    out = capsys.readouterr().out
+    assert "rb_resnet20, 10 classes" in out and "bitwise equal" in out and "local-dir:" in out
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    ref = rb.create_model("resnet20", num_classes=10, in_chans=1, pretrained=str(ckpt)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref(x))
+    assert tool.main(["export-hub", str(ckpt), str(tmp_path / "hub")]) == 1  # exists: refused without --force
+    assert "--force" in capsys.readouterr().err
+    assert tool.main(["export-hub", str(tmp_path / "missing.pth"), str(tmp_path / "h2")]) == 2
+
+
+def test_hub_folder_as_train_cls_pretrained(tool, tmp_path, caplog):
+    """The reverse: a timm hub folder of an rb_* model given to train_cls.py --pretrained."""
+    from PIL import Image
+
+    from res_backbone.weights.testing import write_tiny_cls_checkpoint
+
+    import train_cls  # tools/ is on pytest's pythonpath
+
+    hub = tmp_path / "hub"
+    assert tool.main(["export-hub", str(write_tiny_cls_checkpoint(tmp_path / "c.pth")), str(hub)]) == 0
+    for c in ("left", "right"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (28, 28), 60 * i + 10).save(tmp_path / "tree" / c / f"{i}.png")
+    tree = str(tmp_path / "tree")
+    rc = train_cls.main(
+        ["--backbone", "resnet20", "--threads", "1", "--train-dir", tree, "--val-dir", tree, "--in-chans", "1",
+         "--input-size", "28", "--batch-size", "2", "--max-iters", "1", "--no-progress", "--workers", "0",
+         "--output", str(tmp_path / "run"), "--pretrained", str(hub)])
+    assert rc == 0
+    assert f"pretrained {hub / 'model.safetensors'} has a 10-class classifier" in caplog.text
+    assert "every other layer loaded" in caplog.text
+

@@ -25,7 +25,7 @@ from torch import nn
 
 from res_backbone.data.classification import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from res_backbone.data.fashion_mnist import load_fashion_mnist
-from res_backbone.engine.cls_loop import evaluate, train_one_epoch
+from heads.classification.loop import evaluate, train_one_epoch
 from res_backbone.engine.optim import build_optimizer, lr_factor, set_lr
 
 __all__ = [
@@ -268,7 +268,7 @@ def train_recording_errors(
 ) -> TrainCurves:
     """Train ``model`` in place for ``iters`` SGD steps, recording Fig. 6's curves.
 
-    The loop is the engine's :func:`~res_backbone.engine.cls_loop.train_one_epoch` over an
+    The loop is the engine's :func:`~heads.classification.loop.train_one_epoch` over an
     endless stream of mini-batches drawn without replacement from a seeded permutation (reshuffled
     every epoch). The learning rate is ``lr`` times :func:`~res_backbone.engine.optim.lr_factor`
     (step decay x0.1 at ``milestones``, fractions of ``iters`` or absolute iterations; the paper's

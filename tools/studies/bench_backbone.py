@@ -13,6 +13,12 @@ memory format (which anyone can use) and which from folding BatchNorm (which nee
 ``ours``             :func:`~res_backbone.inference.prepare_for_inference`: BN folded, channels-last
 ===================  ============================================================================
 
+Mode ``features`` times timm 1.0's feature API against the plain forward on the same model and stages
+(``ours_eager``, NCHW): ``ours_forward_features`` (stem + every stage, the last map),
+``ours_intermediates_last`` (``forward_intermediates(x, indices=1)``: the same stages and map, so only the
+API's own cost) and ``ours_intermediates_all`` (every level's map kept alive, as detection adapters ask);
+:func:`intermediates_overhead` gives the time ratios.
+
 With ``ablation=True`` also ``ours_fold`` (BN folded only, NCHW input) and ``ours_fused`` (``ours``
 plus fused ReLU/residual epilogues, ``fuse=True``). :func:`attribution` splits ``ours / ours_eager``
 into ``memory_format = ours_cl / ours_eager`` and ``bn_folding = ours / ours_cl``.
@@ -41,6 +47,7 @@ BASELINES = ("torchvision", "torchvision_cl", "timm", "timm_cl")
 INFER_CONTENDERS = BASELINES + ("ours_eager", "ours_cl", "ours")
 ABLATION_CONTENDERS = ("ours_fold", "ours_fused")
 TRAIN_CONTENDERS = ("torchvision", "torchvision_cl", "timm", "timm_cl", "ours_eager", "ours")
+FEATURE_CONTENDERS = ("ours_forward_features", "ours_intermediates_last", "ours_intermediates_all")
 _CHANNELS_LAST = ("torchvision_cl", "timm_cl", "ours_cl", "ours", "ours_fused")
 
 
@@ -68,6 +75,19 @@ def _infer_fn(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str)
             return model(x)
 
     return run
+
+
+def _features_fns(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> Dict[str, Callable[[], object]]:
+    """``forward_features``, ``forward_intermediates`` of the last level and of every level, on one input."""
+    def call(method, **kwargs):
+        def run():
+            with torch.inference_mode(), autocast(device, amp):
+                return method(x, **kwargs)
+
+        return run
+
+    return dict(zip(FEATURE_CONTENDERS, (call(model.forward_features), call(model.forward_intermediates, indices=1),
+                                         call(model.forward_intermediates))))
 
 
 def _train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str) -> Callable[[], object]:
@@ -151,6 +171,11 @@ def bench_model(
             diffs[f"{k}_b{bs}"] = max_rel_diff(fns[k](), ref)
         times = time_interleaved(fns, repeats, warmup, dev, progress)
         results += [BenchResult(name, k, "infer", bs, t) for k, t in times.items()]
+        feats = _features_fns(models["ours"], inputs["ours_eager"], dev, amp)
+        diffs[f"intermediates_final_b{bs}"] = max_rel_diff(feats["ours_intermediates_all"]()[0],
+                                                           feats["ours_forward_features"]())
+        times = time_interleaved(feats, repeats, warmup, dev, progress)
+        results += [BenchResult(name, k, "features", bs, t) for k, t in times.items()]
     if train_batch_size:
         x = torch.randn(train_batch_size, 3, image_size, image_size, generator=gen).to(dev)
         y = torch.randint(0, 1000, (train_batch_size,), generator=gen).to(dev)
@@ -169,8 +194,21 @@ def bench_model(
         "results": [r.to_dict() for r in results],
         "ratios": ratios(results),
         "attribution": attribution(results),
+        "intermediates_overhead": intermediates_overhead(results),
         "max_rel_diff": diffs,
     }
+
+
+def intermediates_overhead(results: Iterable[BenchResult]) -> List[dict]:
+    """Per batch size ``{batch_size, forward_features_ms, intermediates_last_ms, intermediates_all_ms,
+    last_ratio, all_ratio}``: median times and their ratios to ``forward_features`` (1.0 = no overhead)."""
+    ms = {(r.batch_size, r.contender): r.median_s * 1e3 for r in results if r.mode == "features"}
+    rows = []
+    for bs in dict.fromkeys(b for b, _ in ms):
+        base, last, every = (ms[bs, k] for k in FEATURE_CONTENDERS)
+        rows.append({"batch_size": bs, "forward_features_ms": base, "intermediates_last_ms": last,
+                     "intermediates_all_ms": every, "last_ratio": last / base, "all_ratio": every / base})
+    return rows
 
 
 def ratios(results: Iterable[BenchResult]) -> List[dict]:
@@ -179,7 +217,7 @@ def ratios(results: Iterable[BenchResult]) -> List[dict]:
     by_key = {(r.mode, r.batch_size, r.contender): r.img_per_s for r in results}
     rows = []
     for r in results:
-        if r.contender in BASELINES:
+        if r.contender in BASELINES or r.mode == "features":  # features: ours against ours, see intermediates_overhead
             continue
         row = {"mode": r.mode, "batch_size": r.batch_size, "contender": r.contender}
         for base in BASELINES:
@@ -219,6 +257,7 @@ def attribution(results: Iterable[BenchResult]) -> List[dict]:
 def count_calls(batch_sizes: Sequence[int], train: bool, repeats: int, warmup: int, ablation: bool = False) -> int:
     """How many timed and warm-up calls :func:`bench_model` makes (for a progress bar's total)."""
     infer = len(INFER_CONTENDERS) + (len(ABLATION_CONTENDERS) if ablation else 0)
+    infer += len(FEATURE_CONTENDERS)
     return (repeats + warmup) * (infer * len(batch_sizes) + (len(TRAIN_CONTENDERS) if train else 0))
 
 
@@ -241,16 +280,20 @@ def attribution_lines(run: dict) -> List[str]:
 def print_run(run: dict) -> None:
     """The table of one :func:`bench_model` result, then its attribution lines."""
     print(f"\n{run['model']}  (img/s, median)")
-    print(f"{'mode':<6} {'batch':>5} {'contender':<15} {'img/s':>8} {'ms/call':>9} {'vs tv':>7} {'vs tv_cl':>8} "
+    print(f"{'mode':<8} {'batch':>5} {'contender':<23} {'img/s':>8} {'ms/call':>9} {'vs tv':>7} {'vs tv_cl':>8} "
           f"{'vs timm':>8} {'vs timm_cl':>10}")
     rat = {(r["mode"], r["batch_size"], r["contender"]): r for r in run["ratios"]}
     for r in run["results"]:
         q = rat.get((r["mode"], r["batch_size"], r["contender"]))
         vs = (f"{_fmt(q['vs_torchvision']):>7} {_fmt(q['vs_torchvision_cl']):>8} {_fmt(q['vs_timm']):>8} "
               f"{_fmt(q['vs_timm_cl']):>10}" if q else "")
-        print(f"{r['mode']:<6} {r['batch_size']:>5} {r['contender']:<15} {r['img_per_s']:>8.2f} {r['median_ms']:>9.1f} {vs}")
+        print(f"{r['mode']:<8} {r['batch_size']:>5} {r['contender']:<23} {r['img_per_s']:>8.2f} {r['median_ms']:>9.1f} {vs}")
     for line in attribution_lines(run):
         print(line)
+    for o in run.get("intermediates_overhead", []):
+        print(f"features batch {o['batch_size']:>3}: forward_features {o['forward_features_ms']:.2f} ms; "
+              f"forward_intermediates, same stages: last level {o['last_ratio']:.3f}x the time, "
+              f"every level kept {o['all_ratio']:.3f}x")
 
 
 def markdown_report(payload: dict) -> str:

@@ -18,6 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SDIST_CACHE = REPO / ".cache" / "timm-sdist"
 FAKE_CACHE = REPO / ".cache" / "timm-suite-fake-weights"
@@ -38,6 +40,42 @@ def pytest_report_header(config) -> List[str]:
 
     return [f"timm {timm.__version__} from {Path(timm.__file__).parent}",
             f"res_backbone from {Path(res_backbone.__file__).parent}"]
+
+
+# timm's tests that select timm's ResNets, by module (``list_models(module=FEAT_INTER_FILTERS)``, which holds
+# 'resnet') or by a hard-coded list of names, and that the rb_* models join: timm 1.0's feature API
+# (forward_intermediates, the features_only getter, prune_intermediate_layers). Ours register from the
+# module ``timm_compat``, not ``resnet``, so the runner adds them to the parametrisation here.
+JOINED_TESTS = (
+    "test_model_forward_intermediates", "test_model_forward_intermediates_features",
+    "test_prune_intermediate_layers_contract", "test_prune_intermediate_layers_params_used",
+    "test_forward_after_prune_intermediate_layers", "test_prune_to_stem_feature", "test_head_hidden_size",
+)
+
+
+def _selected_names() -> List[str]:
+    return [n for n in os.environ.get(MODELS_ENV, "").split(",") if n and "." not in n]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc) -> None:
+    """Add the selected rb_* names to the ``model_name`` parametrisation of :data:`JOINED_TESTS` (before
+    pytest's own hook turns the ``parametrize`` marks into calls); other arguments take their first listed value."""
+    if metafunc.function.__name__ not in JOINED_TESTS:
+        return
+    marks = metafunc.definition.own_markers
+    for i, mark in enumerate(marks):
+        argnames = mark.args[0] if mark.name == "parametrize" and mark.args else None
+        names = [a.strip() for a in argnames.split(",")] if isinstance(argnames, str) else list(argnames or [])
+        if not names or names[0] != "model_name":
+            continue
+        values = list(mark.args[1])
+        present = {v[0] if len(names) > 1 else v for v in values}
+        extra = [n for n in _selected_names() if n not in present]
+        if len(names) > 1:  # e.g. (model_name, model_kwargs): the others as for timm's first entry ({})
+            extra = [(n, *(type(v)() for v in values[0][1:])) for n in extra]
+        marks[i] = pytest.mark.parametrize(mark.args[0], values + extra, **mark.kwargs).mark
+        return
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import loop
-from .loop import ClassificationLoss, WindowMeter
-from .optim_step import autocast
+from res_backbone.engine import loop
+from res_backbone.engine.loop import ClassificationLoss, WindowMeter
+from res_backbone.engine.optim_step import autocast
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):

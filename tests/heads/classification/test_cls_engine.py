@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from res_backbone.data.classification import ClsDatasets
-from res_backbone.engine.cls_loop import evaluate, train_one_epoch
+from heads.classification.loop import evaluate, train_one_epoch
 from heads.classification.train import ClsTrainConfig, check_resume_compatible
 from res_backbone.engine.optim_step import NonFiniteLossError
 
