@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="one or more train_det.py checkpoints (several = an ensemble; same categories required)")
+                   help="one or more train_det.py checkpoints or exported detectors (.onnx, .pt2, TorchScript; "
+                        "several = an ensemble; same categories required)")
     p.add_argument("--val-json", help="COCO annotations to evaluate on (default: the checkpoint's val split)")
     p.add_argument("--val-images", help="image folder of --val-json (default: the checkpoint's)")
     p.add_argument("--image-size", type=int, help="longer image side (default: the checkpoint's training size)")
@@ -52,7 +53,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from heads.detection.predictor import DetectionPredictor, predict_coco
     from heads.detection.train import DetData, write_pictures
     from res_backbone.data import CocoDetection
-    from res_backbone.engine.checkpoint import atomic_write_text, load_checkpoint
+    from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text, load_checkpoint
     from res_backbone.evaluation.coco import coco_evaluate, write_detections_json
 
     predictor = DetectionPredictor.from_files(
@@ -61,10 +62,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         merge=args.merge, merge_iou=args.merge_iou)
     val_json, val_images = args.val_json, args.val_images
     if not val_json or not val_images:
-        first_cfg = load_checkpoint(args.checkpoint[0]).get("config", {})
+        try:
+            first_cfg = load_checkpoint(args.checkpoint[0]).get("config", {})
+        except CorruptCheckpointError:  # an exported file: it names no data
+            first_cfg = {}
         val_json, val_images = val_json or first_cfg.get("val_json"), val_images or first_cfg.get("val_images")
     if not val_json or not val_images:
-        log.error("no validation data: pass --val-json and --val-images (the checkpoint names none)")
+        log.error("no validation data: pass --val-json and --val-images (%s names none)", args.checkpoint[0])
         return 2
     dataset = CocoDetection(val_json, val_images, None)
     if list(dataset.cat_ids) != predictor.cat_ids:

@@ -14,7 +14,8 @@ bbox as COCO xywh in original pixels, score; with --coco-json its image_id), OUT
 that could not be read, and why), OUTPUT/summary.json, OUTPUT/pictures/*.png and OUTPUT/labels/*.txt
 (--save-txt: one line per box "category_id x1 y1 x2 y2 score"). predictions.json is rewritten atomically
 as batches finish: an interrupted run leaves a valid file of what it finished. A bad file is skipped and
-named at the end, never a crash. Exit codes: 0 done, 1 crash, 2 bad input (message names the file).
+named at the end, never a crash. Exit codes: 0 done, 1 crash, 2 bad input (message names the file),
+143 stopped by SIGTERM/Ctrl-C (predictions.json then holds what was finished).
 """
 from __future__ import annotations
 
@@ -76,10 +77,17 @@ def main(argv=None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from heads.predict_run import PredictConfig, run_prediction
+    import signal
 
-    cfg = PredictConfig(**vars(args))
-    s = run_prediction(cfg)
+    from heads.predict_run import PredictConfig, run_prediction
+    from res_backbone.engine.runner import Preempted
+
+    def stop(signum, frame):  # predictions.json is flushed on the way out; exit code 143
+        raise Preempted(f"stopped by signal {signum}: {args.output}/predictions.json holds the images finished")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    s = run_prediction(PredictConfig(**vars(args)))
     what = {"detection": "detections", "classification": "classified images", "localization": "localized images"}
     print(f"{s['images']} image(s), {s['records']} {what[s['task']]} in {s['seconds']:.1f} s "
           f"({s['img_per_s'] or 0:.1f} img/s; the model waited for images {100 * (s['wait_share'] or 0):.1f}% "

@@ -195,3 +195,24 @@ def test_classifier_and_localizer_checkpoints(cls_and_loc, det, tmp_path, caplog
     assert predict.main(["--checkpoint", str(det["ckpt"]), str(cls_ck), "--source", str(img), "--output",
                          str(tmp_path / "mix"), "--no-progress"]) == 2
     assert "an ensemble needs the same task and classes" in caplog.text
+
+
+def test_sigterm_exits_143_with_valid_json_of_the_finished_images(det, tmp_path):
+    import signal
+    import time
+
+    lst = tmp_path / "many.txt"
+    lst.write_text("\n".join(str(p) for p in sorted(det["val_images"].glob("*.png")) * 100) + "\n")
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "predict.py"), "--checkpoint", str(det["ckpt"]),
+                             "--source", str(lst), "--batch-size", "1", "--no-pictures", "--no-progress",
+                             "--score-thresh", "0", "--output", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "predictions.json").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "predictions.json holds the images finished" in err
+    records = json.loads((out / "predictions.json").read_text())
+    assert isinstance(records, list) and len({r["file_name"] for r in records}) >= 1
