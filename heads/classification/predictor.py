@@ -111,8 +111,8 @@ class ClassificationPredictor(Predictor):
         models, meta, device, amp, batch_size, workers, fast, eager, channels_last: see
             :class:`heads.predictor.Predictor`.
         topk: how many classes per image (capped at K).
-        image_size: the crop side (default ``meta["image_size"]``); crop_pct: crop / resize (default 0.875,
-            or 1.0 for models trained on images of their input size).
+        image_size: the crop side (default ``meta["image_size"]``); crop_pct: crop / resize (default: the
+            checkpoint's ``pretrained_cfg``, else 0.875); the resize interpolation is the checkpoint's too.
     """
 
     task = "classification"
@@ -125,7 +125,8 @@ class ClassificationPredictor(Predictor):
         pct = float(crop_pct or meta.get("crop_pct") or 0.875)
         self.in_chans = len(meta["mean"])
         self.pipeline = build_cls_transforms(train=False, mean=meta["mean"], std=meta["std"],
-                                             resize=int(round(crop / pct)), crop=crop)
+                                             resize=int(round(crop / pct)), crop=crop,
+                                             interpolation=meta.get("interpolation") or "bilinear")
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         x = _to_channels(torch.from_numpy(image).permute(2, 0, 1), self.in_chans, "image")
