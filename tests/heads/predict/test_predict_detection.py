@@ -1,6 +1,7 @@
 """heads/detection/predictor.py with stand-in models (exact box arithmetic) and a tiny real detector (the
 evaluation pipeline's preprocessing, the fast copy, results)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,32 @@ def test_from_files_checks_the_task(tmp_path, tiny_detector):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         DetectionPredictor.from_files(tmp_path / "nope.pt")
     json.dumps(META)  # meta stays JSON (the exported files' contract)
+
+
+def test_exported_files_are_dispatched_by_heads_exported(tmp_path, monkeypatch):
+    """The B/C contract: a file heads.exported.is_exported_file recognises is loaded by load_exported, its meta
+    checked for the task, and called like the eager model (a stand-in module until heads/exported.py lands)."""
+    import sys
+    import types
+
+    class Exported:
+        format = "onnx"
+
+        def __init__(self, meta):
+            self.meta, self.model = meta, LeftHalf()
+
+        def __call__(self, images, sizes):
+            return self.model(images, sizes)
+
+    metas = {"det.onnx": META, "cls.onnx": dict(META, task="classification")}
+    fake = types.ModuleType("heads.exported")
+    fake.is_exported_file = lambda path: str(path).endswith(".onnx")
+    fake.load_exported = lambda path, device="cpu": Exported(metas[Path(path).name])
+    monkeypatch.setitem(sys.modules, "heads.exported", fake)
+    for name in metas:
+        (tmp_path / name).write_bytes(b"onnx")
+    pred = DetectionPredictor.from_files(tmp_path / "det.onnx")
+    assert pred.eager == [False] and pred(np.zeros((100, 200, 3), np.uint8)).boxes[0].tolist() == pytest.approx(
+        [0, 0, 100, 100])
+    with pytest.raises(MetaError, match="cls.onnx: a classification model, but a detection model is expected"):
+        DetectionPredictor.from_files(tmp_path / "cls.onnx")
