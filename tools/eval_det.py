@@ -25,27 +25,19 @@ log = logging.getLogger("eval_det")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from heads.predict_run import add_running_args, add_tta_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="one or more train_det.py checkpoints (several = an ensemble; same categories required)")
+                   help="one or more train_det.py checkpoints or exported detectors (.onnx, .pt2, TorchScript; "
+                        "several = an ensemble; same categories required)")
     p.add_argument("--val-json", help="COCO annotations to evaluate on (default: the checkpoint's val split)")
     p.add_argument("--val-images", help="image folder of --val-json (default: the checkpoint's)")
     p.add_argument("--image-size", type=int, help="longer image side (default: the checkpoint's training size)")
-    p.add_argument("--tta-scales", type=int, nargs="+", help="test at these longer-side sizes too, e.g. 384 512 640")
-    p.add_argument("--tta-flip", action="store_true", help="also test on horizontally mirrored images")
-    p.add_argument("--merge", default="nms", choices=("nms", "wbf"),
-                   help="how variants' boxes are merged: per-class NMS or weighted box fusion (default nms)")
-    p.add_argument("--merge-iou", type=float, default=0.55, help="IoU at which boxes of variants are merged (default 0.55)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda (default cpu)")
-    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default none)")
-    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
-                   help="predict with the model as trained instead of its inference copy (BatchNorm folded into "
-                        "the convs, channels-last; same detections within float rounding, 1.2-1.6x faster on CPU)")
+    add_tta_args(p)
+    add_running_args(p)
     p.add_argument("--num-pictures", type=int, default=8, help="val images drawn into predictions/ (default 8)")
     p.add_argument("--output", required=True, help="folder for metrics.json, detections.json, predictions/")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
 
 
@@ -56,92 +48,48 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
-    from heads.detection.ensemble import flip_batch, load_detector, merge_detections, unflip_boxes
-    from res_backbone.data import CocoDetection, build_eval_transforms, collate_detection
-    from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text
+    from heads.detection.predictor import DetectionPredictor, predict_coco
     from heads.detection.train import DetData, write_pictures
-    from res_backbone.engine.optim_step import autocast
-    from res_backbone.engine.optim_step import AMP_DTYPES
-    from res_backbone.evaluation.coco import coco_evaluate, to_coco_results, write_detections_json
-    from res_backbone.weights.catalogue import IMAGENET_MEAN, IMAGENET_STD
+    from res_backbone.data import CocoDetection
+    from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text, load_checkpoint
+    from res_backbone.evaluation.coco import coco_evaluate, write_detections_json
 
-    try:
-        loaded = [load_detector(p) for p in args.checkpoint]
-    except (FileNotFoundError, CorruptCheckpointError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    first_cfg = loaded[0][1].get("config", {})
-    val_json = args.val_json or first_cfg.get("val_json")
-    val_images = args.val_images or first_cfg.get("val_images")
+    predictor = DetectionPredictor.from_files(
+        args.checkpoint, device=args.device, amp=args.amp, batch_size=args.batch_size, workers=args.workers,
+        fast=args.fast_path, image_size=args.image_size, tta_scales=args.tta_scales, tta_flip=args.tta_flip,
+        merge=args.merge, merge_iou=args.merge_iou)
+    val_json, val_images = args.val_json, args.val_images
     if not val_json or not val_images:
-        log.error("no validation data: pass --val-json and --val-images (the checkpoint names none)")
+        try:
+            first_cfg = load_checkpoint(args.checkpoint[0]).get("config", {})
+        except CorruptCheckpointError:  # an exported file: it names no data
+            first_cfg = {}
+        val_json, val_images = val_json or first_cfg.get("val_json"), val_images or first_cfg.get("val_images")
+    if not val_json or not val_images:
+        log.error("no validation data: pass --val-json and --val-images (%s names none)", args.checkpoint[0])
         return 2
-    cat_ids = loaded[0][1].get("cat_ids")
-    for path, (_, ck) in zip(args.checkpoint[1:], loaded[1:]):
-        if ck.get("cat_ids") != cat_ids:
-            log.error("%s has categories %s, %s has %s: an ensemble needs the same categories",
-                      path, ck.get("cat_ids"), args.checkpoint[0], cat_ids)
-            return 2
-    try:
-        dataset = CocoDetection(val_json, val_images, None)
-    except (FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
+    dataset = CocoDetection(val_json, val_images, None)
+    if list(dataset.cat_ids) != predictor.cat_ids:
+        log.error("%s has categories %s but the model was trained on %s", val_json, list(dataset.cat_ids),
+                  predictor.cat_ids)
         return 2
-    if list(dataset.cat_ids) != list(cat_ids):
-        log.error("%s has categories %s but the model was trained on %s", val_json, list(dataset.cat_ids), cat_ids)
-        return 2
-    device = torch.device(args.device)
-    scales = args.tta_scales or [args.image_size or int(first_cfg.get("image_size", 512))]
-    flips = (False, True) if args.tta_flip else (False,)
-    per_image = {}  # image_id -> list of detection dicts in original pixels
-    targets_by_id = {}
-    n_variants = len(loaded) * len(scales) * len(flips)
-    bar = tqdm(total=n_variants * len(dataset), desc="eval", unit="img", disable=not args.progress)
-    for model, ck in loaded:
-        model.to(device)
-        if args.fast_path:
-            model = model.inference_copy(AMP_DTYPES[args.amp])
-        pcfg = ck.get("pretrained_cfg") or {}
-        mean, std = pcfg.get("mean", IMAGENET_MEAN), pcfg.get("std", IMAGENET_STD)
-        for scale in scales:
-            dataset.transforms = build_eval_transforms(scale, mean, std)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                                 collate_fn=collate_detection)
-            for images, sizes, targets in loader:
-                for flip in flips:
-                    batch = flip_batch(images, sizes) if flip else images
-                    with torch.no_grad(), autocast(device, args.amp):
-                        outs = model(batch.to(device), sizes)
-                    for out, size, tgt in zip(outs, sizes, targets):
-                        boxes = out["boxes"].float().cpu()
-                        if flip:
-                            boxes = unflip_boxes(boxes, size[1])
-                        det = {"boxes": boxes / tgt["scale"], "scores": out["scores"].float().cpu(),
-                               "labels": out["labels"].cpu()}
-                        per_image.setdefault(tgt["image_id"], []).append(det)
-                        targets_by_id[tgt["image_id"]] = {**tgt, "scale": 1.0}
-                bar.update(len(sizes))
+    bar = tqdm(total=len(dataset), desc="eval", unit="img", disable=not args.progress)
+    results = predict_coco(predictor, dataset, progress=bar)
     bar.close()
-    outputs, targets = [], []
-    for image_id, parts in per_image.items():
-        merged = parts[0] if len(parts) == 1 else merge_detections(parts, method=args.merge, iou_thresh=args.merge_iou)
-        outputs.append(merged)
-        targets.append(targets_by_id[image_id])
-    results = to_coco_results(outputs, targets, cat_ids)
     metrics = coco_evaluate(val_json, results, class_names=list(dataset.class_names))
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(metrics.get("summary", ""))
+    n_variants = predictor.n_variants
     metrics_out = {k: v for k, v in metrics.items() if k != "summary"}
-    metrics_out["evaluated"] = {"checkpoints": args.checkpoint, "scales": scales, "flip": args.tta_flip,
+    metrics_out["evaluated"] = {"checkpoints": args.checkpoint, "scales": predictor.scales, "flip": args.tta_flip,
                                 "merge": args.merge if n_variants > 1 else None, "val_json": val_json,
                                 "fast_path": args.fast_path}
     atomic_write_text(json.dumps(metrics_out, indent=2) + "\n", out_dir / "metrics.json")
     write_detections_json(results, out_dir / "detections.json")
-    data = DetData(dataset, dataset, None, None, None, val_json, list(cat_ids), list(dataset.class_names))
+    data = DetData(dataset, dataset, None, None, None, val_json, list(dataset.cat_ids), list(dataset.class_names))
     write_pictures(data, results, out_dir / "predictions", args.num_pictures, 0.3)
     print(f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  ({n_variants} variant(s))  ->  {out_dir}/metrics.json")
     return 0

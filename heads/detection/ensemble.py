@@ -90,10 +90,19 @@ def load_detector(path: Union[str, os.PathLike]) -> Tuple[FasterRCNN, dict]:
     from res_backbone.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
+    return detector_from_checkpoint(ckpt, source=str(path)), ckpt
+
+
+def detector_from_checkpoint(ckpt: dict, *, source: str = "checkpoint") -> FasterRCNN:
+    """The detector (eval mode) of an already loaded ``tools/train_det.py`` checkpoint dict.
+
+    Raises:
+        ValueError: not a detection checkpoint, or weights that do not fit its config (naming ``source``).
+    """
     kwargs = ckpt.get("detector_kwargs")
     if ckpt.get("task") != "detection" or not isinstance(kwargs, dict):
         raise ValueError(
-            f"{path}: not a detection checkpoint from tools/train_det.py (task={ckpt.get('task')!r}); "
+            f"{source}: not a detection checkpoint from tools/train_det.py (task={ckpt.get('task')!r}); "
             "backbone-only files go to --pretrained instead"
         )
     kwargs = dict(kwargs)
@@ -103,5 +112,5 @@ def load_detector(path: Union[str, os.PathLike]) -> Tuple[FasterRCNN, dict]:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the detector its config describes ({e})") from e
-    return model.eval(), ckpt
+        raise ValueError(f"{source}: weights do not fit the detector its config describes ({e})") from e
+    return model.eval()

@@ -23,14 +23,13 @@ from res_backbone.data import (
 )
 from res_backbone.data.preflight import GuardedDataset
 from res_backbone.data.samplers import EpochSeeded, ResumableBatchSampler
-from res_backbone.evaluation.coco import coco_evaluate, gather_results, to_coco_results, write_detections_json
+from res_backbone.evaluation.coco import coco_evaluate, gather_results, write_detections_json
 from res_backbone.transfer import BackboneFreeze
 from res_backbone.visualize import draw_detections
 from res_backbone.engine import checkpoint as ckpt_mod
 from res_backbone.engine.det_loop import NonFiniteLossError, predict, train_one_epoch  # noqa: F401  (re-exported)
 from res_backbone.engine.distributed import DistInfo, barrier
 from res_backbone.engine.logger import RunLogger
-from res_backbone.engine.optim_step import AMP_DTYPES
 from res_backbone.engine.memory import peak_rss_report
 from res_backbone.engine.optim import lr_factor, set_lr
 from res_backbone.engine.run_config import FineTuneConfig, SplitData, resolve_device
@@ -188,19 +187,30 @@ def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optiona
         return None
     from tqdm import tqdm
 
+    from .predictor import DetectionPredictor
+
     bar = tqdm(total=len(data.val_loader), desc="eval", unit="batch", disable=not (progress and is_main), leave=False)
     base = unwrap(model)
     base = getattr(base, "_orig_mod", base)  # torch.compile'd: evaluate the plain module's fast copy
-    # BN folded, channels-last, hwc box head (heads' FasterRCNN.inference_copy): same detections
-    # within float rounding, 1.2-1.6x faster on CPU (docs/bench_detector_cpu.md)
-    fast = base.inference_copy(AMP_DTYPES[cfg.amp]) if hasattr(base, "inference_copy") else base
-    pairs = predict(fast, preemptible(data.val_loader, iteration), device=device, amp=cfg.amp,
-                    channels_last=cfg.channels_last, progress=bar)
-    del fast
+    pcfg = getattr(getattr(base, "backbone", None), "pretrained_cfg", None) or {}
+    meta = {"task": "detection", "cat_ids": data.cat_ids, "class_names": data.class_names,
+            "image_size": cfg.image_size, "mean": pcfg.get("mean"), "std": pcfg.get("std")}
+    # The predictor of tools/eval_det.py and tools/predict.py, on the loader's batches (same preprocessing):
+    # BN folded, channels-last, hwc box head (FasterRCNN.inference_copy): same detections within float
+    # rounding, 1.2-1.6x faster on CPU (docs/bench_detector_cpu.md)
+    predictor = DetectionPredictor(base, meta, device=str(device), amp=cfg.amp, batch_size=cfg.batch_size,
+                                   workers=0, fast=hasattr(base, "inference_copy"), channels_last=cfg.channels_last)
+    results = []
+    for images, sizes, targets in preemptible(data.val_loader, iteration):
+        dets = predictor.predict_batch(images, sizes, [t["scale"] for t in targets], [t["orig_size"] for t in targets])
+        for det, tgt in zip(dets, targets):
+            results.extend(det.to_coco(tgt["image_id"]))
+        bar.update(1)
+    del predictor
     bar.close()
-    # COCO results are small plain dicts: convert on each rank, then gather (deduplicating images a
-    # DistributedSampler padded onto two ranks).
-    results = gather_results(to_coco_results([p[0] for p in pairs], [p[1] for p in pairs], data.cat_ids))
+    # COCO results are small plain dicts: gather them (deduplicating images a DistributedSampler padded onto
+    # two ranks).
+    results = gather_results(results)
     if not is_main:
         return None
     metrics = coco_evaluate(data.val_json, results, class_names=data.class_names)
