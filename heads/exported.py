@@ -6,7 +6,8 @@
 
 The call contract is the eager model's (``FasterRCNN.eval()(images, sizes)``, a classifier's logits, a
 localizer's ``{"logits", "boxes"}``, a backbone's feature dict), so a predictor runs either without knowing which.
-A detector file takes one image per call: a batch is run image by image.
+A detector file takes one image per call: a batch is run image by image, each zero-padded at the bottom/right up
+to the file's smallest side (``meta["min_size"]``) when it is smaller.
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ class ExportedModel:
     def __call__(self, images: torch.Tensor, image_sizes: Optional[Union[Sequence[Tuple[int, int]], torch.Tensor]]
                  = None):
         min_size = int(self.meta.get("min_size") or 1)
+        if self.task == "detection" and min(images.shape[-2:]) < min_size:
+            # zero padding at the bottom/right, as a padded batch has: the image sizes (and boxes) are unchanged
+            h, w = images.shape[-2:]
+            images = torch.nn.functional.pad(images, (0, max(0, min_size - w), 0, max(0, min_size - h)))
         if min(images.shape[-2:]) < min_size:
             raise ValueError(f"{self.source}: images of {tuple(images.shape[-2:])} px are below the smallest side "
                              f"this file accepts ({min_size} px); pad or resize them")

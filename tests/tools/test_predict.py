@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_DET = [
-    "--backbone", "resnet18", "--image-size", "64", "--synthetic-train", "8", "--synthetic-val", "6",
-    "--synthetic-size", "64", "--batch-size", "2", "--workers", "0", "--fpn-channels", "32",
+    "--backbone", "resnet18", "--image-size", "96", "--synthetic-train", "8", "--synthetic-val", "6",
+    "--synthetic-size", "96", "--batch-size", "2", "--workers", "0", "--fpn-channels", "32",
     "--representation-size", "64", "--rpn-pre-nms-top-n-train", "100", "--rpn-post-nms-top-n-train", "50",
     "--rpn-pre-nms-top-n-test", "100", "--rpn-post-nms-top-n-test", "50", "--box-batch-size-per-image", "32",
     "--rpn-batch-size-per-image", "64", "--anchor-sizes", "8", "16", "32", "64", "128", "--warmup-iters", "0",
@@ -84,8 +84,17 @@ def test_a_folder_with_broken_files_is_predicted_and_the_bad_ones_named(det, tmp
     assert summary["images"] == 8 and summary["skipped"] == 4 and 0 <= summary["wait_share"] <= 1
 
 
-# The lead adds exported formats here once heads/exported.py lands: name -> (checkpoint .pt, tmp dir) -> model file.
-MODEL_FILES = {"pt": lambda ckpt, tmp: ckpt}
+# name -> (checkpoint .pt, tmp dir) -> the model file predict.py gets
+def _exported(fmt):
+    def make(ckpt, tmp):
+        pytest.importorskip("onnxruntime")
+        from heads.export import export_checkpoint
+
+        return export_checkpoint(ckpt, fmt, tmp / f"model.{fmt}")
+    return make
+
+
+MODEL_FILES = {"pt": lambda ckpt, tmp: ckpt, "onnx": _exported("onnx"), "pt2": _exported("pt2")}
 
 
 @pytest.mark.parametrize("fmt", sorted(MODEL_FILES))
