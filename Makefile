@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not study"
 
 # timm's own model test suite over the rb_* names (docs/timm.md).
 timm-suite: setup

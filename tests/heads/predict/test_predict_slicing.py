@@ -108,7 +108,7 @@ def test_sliced_prediction_reports_seam_objects_once(monkeypatch):
     assert match(objects, r.boxes.tolist(), r.category_ids)[2] > 0.05
 
 
-@pytest.mark.slow
+@pytest.mark.study
 def test_trained_detector_sliced_vs_whole_on_a_2048px_scene(tmp_path):
     """The issue's target: >= 90% of the objects found at IoU 0.5 with <= 2% duplicates by sliced prediction,
     far fewer by one pass at the training size. The demo recipe (600 iterations, ~5 min on 2 CPU cores; 300
