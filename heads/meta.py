@@ -57,7 +57,8 @@ def model_meta(ckpt: Dict[str, Any], *, source: str = "checkpoint") -> Dict[str,
     pcfg = ckpt.get("pretrained_cfg") or {}
     if task == "detection":
         names, cat_ids = ckpt.get("class_names"), ckpt.get("cat_ids")
-        arch, image_size = ckpt.get("arch"), cfg.get("image_size")
+        arch = ckpt.get("arch") or (ckpt.get("detector_kwargs") or {}).get("backbone")
+        image_size = cfg.get("image_size")
     elif task == "classification":
         names, cat_ids = ckpt.get("classes"), None
         arch = ckpt.get("model_name")
