@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone.engine.run_config import add_image_check_args, run_tool
+from res_backbone.engine.run_config import add_image_check_args, tool_main
 
 log = logging.getLogger("eval_loc")
 
@@ -54,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
-    return run_tool(lambda: _evaluate(args), log)
+    return tool_main(build_parser(), _evaluate, log, argv)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

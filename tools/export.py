@@ -23,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone.engine.run_config import run_tool
+from res_backbone.engine.run_config import tool_main
 
 log = logging.getLogger("export")
 
@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
-    return run_tool(lambda: _export(args), log)
+    return tool_main(build_parser(), _export, log, argv)
 
 
 def _images(args, ckpt_config: dict):

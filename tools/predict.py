@@ -23,7 +23,7 @@ import argparse
 import logging
 import sys
 
-from res_backbone.engine.run_config import run_tool
+from res_backbone.engine.run_config import tool_main
 
 log = logging.getLogger("predict")
 
@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
-    return run_tool(lambda: _predict(args), log)
+    return tool_main(build_parser(), _predict, log, argv)
 
 
 def _predict(args: argparse.Namespace) -> int:

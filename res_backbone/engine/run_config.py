@@ -34,7 +34,7 @@ from .runner import EXIT_PREEMPTED, Preempted
 from .optim_step import NonFiniteLossError
 
 __all__ = ["DEFAULTS", "EXIT_BAD_INPUT", "EXIT_DONE", "EXIT_NON_FINITE", "EXIT_PREEMPTED", "EXIT_UNEXPECTED",
-           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_image_check_args", "add_model_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "train_parser"]
+           "BadInput", "FineTuneConfig", "RunConfig", "SplitData", "add_finetune_args", "add_image_check_args", "add_model_args", "add_optimisation_args", "add_run_args", "parse_args", "resolve_device", "run_tool", "tool_main", "train_parser"]
 
 EXIT_DONE, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_NON_FINITE = 0, 1, 2, 3
 
@@ -239,6 +239,15 @@ def _bad_input_types() -> tuple:
 
     # OSError: missing files, undecodable images (FashionMNISTNotFoundError, PretrainedNotFoundError included)
     return (OSError, ValueError, CheckpointMismatchError, CorruptCheckpointError)
+
+
+def tool_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], log: logging.Logger,
+              argv=None) -> int:
+    """A tool's ``main``: logging to stderr with times, the flags parsed, then ``body(args)`` under
+    :func:`run_tool` (its exit codes)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parser.parse_args(argv)
+    return run_tool(lambda: body(args), log)
 
 
 def run_tool(body: Callable[[], int], log: logging.Logger, *, on_exit: Optional[Callable[[], None]] = None,
