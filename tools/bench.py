@@ -5,6 +5,7 @@
     python tools/bench.py backbone --models resnet50 --repeats 7 --output docs/bench_cpu.json
     python tools/bench.py report docs/bench_cpu.json > tables.md
     python tools/bench.py detector --models resnet18,resnet50 --image-size 512 --output det_bench.json
+    python tools/bench.py deploy --checkpoint runs/demo/checkpoint_best.pt --files runs/demo/model.onnx --sizes 160,512
 
 ``summary`` prints parameters and multiply-adds of every registered model for both bottleneck
 stride placements; ``report`` turns a ``backbone`` JSON into markdown tables. ``backbone`` times inference and one training step of torchvision's, timm's and
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from studies.bench_commands import _csv, cmd_backbone, cmd_detector, cmd_report, cmd_summary
+from studies.bench_commands import _csv, cmd_backbone, cmd_deploy, cmd_detector, cmd_report, cmd_summary
 from studies.timing import AMP_DTYPES
 
 
@@ -90,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchvision --amp bf16' on a CPU counts what a GPU run would launch")
     d.add_argument("--output", metavar="FILE.json", help="write results, ratios, equivalence and environment here")
     d.set_defaults(func=cmd_detector)
+
+    e = sub.add_parser("deploy", help="a trained detector's latency: as trained, inference copy, exported files",
+                       description="Times one image per call through the model as trained, its inference copy and "
+                                   "each --files export (onnxruntime CPU, .pt2, TorchScript), interleaved, with the "
+                                   "share of this machine's fp32 peak (torch.mm) each reaches.")
+    e.add_argument("--checkpoint", required=True, help="a train_det.py checkpoint")
+    e.add_argument("--files", nargs="*", default=[], help="its exported files (tools/export.py)")
+    e.add_argument("--sizes", type=_csv(int), default=[512, 800], help="square input sides (default 512,800)")
+    e.add_argument("--repeats", type=int, default=15, help="timed calls per contender and size (default 15)")
+    e.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    e.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
+    e.add_argument("--output", metavar="FILE.json", help="write the rows and the environment here")
+    e.set_defaults(func=cmd_deploy)
 
     r = sub.add_parser("report", help="print the markdown tables of a 'backbone --output' JSON file")
     r.add_argument("json", metavar="FILE.json", help="a JSON file written by 'bench.py backbone --output'")

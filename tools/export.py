@@ -86,6 +86,8 @@ def _export(args: argparse.Namespace) -> int:
           f"max box diff {report['max_box_px']:.2e} px, max score diff {report['max_score']:.2e}, max output diff "
           f"{report['max_abs']:.2e}; {report['zero_detection_images']} input(s) with zero detections  ->  "
           f"{'OK' if not failed else 'FAILED'}")
+    for err in report.get("errors", []):
+        log.error("%s", err)
     return 1 if failed else 0
 
 

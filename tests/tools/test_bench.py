@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tools" / "bench.py"
@@ -106,3 +107,20 @@ def test_report_bad_file_is_named(tmp_path):
     bad.write_text("{}")
     proc = subprocess.run([sys.executable, str(BENCH), "report", str(bad)], capture_output=True, text=True)
     assert proc.returncode != 0 and "x.json" in proc.stderr and "'runs'" in proc.stderr
+
+
+def test_bench_deploy_times_a_detector_checkpoint(tmp_path, capsys):
+    from heads.detection import build_detector
+    from studies.bench_deploy import bench_deploy, markdown
+
+    kw = dict(backbone="resnet18", num_classes=2, fpn_channels=16, representation_size=32, rpn_pre_nms_top_n_test=50,
+              rpn_post_nms_top_n_test=20)
+    torch.manual_seed(0)
+    torch.save({"model": build_detector(pretrained=False, **kw).state_dict(), "task": "detection", "arch": "resnet18",
+                "detector_kwargs": kw, "cat_ids": [1, 2], "class_names": ["a", "b"], "config": {"image_size": 96}},
+               tmp_path / "det.pt")
+    result = bench_deploy(str(tmp_path / "det.pt"), [], [96], repeats=2, warmup=1)
+    rows = {r["contender"]: r for r in result["rows"]}
+    assert set(rows) == {"eager (as trained)", "inference copy"} and result["peak_gflops"] > 0
+    assert all(r["ms_per_image"] > 0 and r["gmacs"] > 0 and 0 < r["share_of_peak"] for r in rows.values())
+    assert "| 96 | inference copy |" in markdown(result)

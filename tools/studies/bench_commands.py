@@ -90,3 +90,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     if "runs" not in payload:
         raise SystemExit(f"{args.json}: no 'runs' key; expected the output of 'bench.py backbone --output'")
     print(bench_backbone.markdown_report(payload), end="")
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from studies.bench_deploy import bench_deploy, markdown
+
+    result = bench_deploy(args.checkpoint, args.files, args.sizes, repeats=args.repeats, warmup=args.warmup,
+                          threads=args.threads)
+    print(f"fp32 peak (torch.mm): {result['peak_gflops']} GFLOP/s on {torch.get_num_threads()} thread(s)")
+    print(markdown(result))
+    if args.output:
+        write_json(args.output, result)
