@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from res_backbone.engine.run_config import tool_main
+from res_backbone.engine.run_config import add_image_check_args, tool_main
 
 log = logging.getLogger("eval_det")
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_running_args(p)
     p.add_argument("--num-pictures", type=int, default=8, help="val images drawn into predictions/ (default 8)")
     p.add_argument("--output", required=True, help="folder for metrics.json, detections.json, predictions/")
+    add_image_check_args(p, training=False)
     return p
 
 
@@ -51,6 +52,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from heads.detection.predictor import DetectionPredictor, predict_coco
     from heads.detection.train import DetData, write_pictures
     from res_backbone.data import CocoDetection
+    from res_backbone.data.preflight import preflight
     from res_backbone.engine.checkpoint import CorruptCheckpointError, atomic_write_text, load_checkpoint
     from res_backbone.evaluation.coco import coco_evaluate, write_detections_json
 
@@ -69,6 +71,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         log.error("no validation data: pass --val-json and --val-images (%s names none)", args.checkpoint[0])
         return 2
     dataset = CocoDetection(val_json, val_images, None)
+    # every bad image at once; skip: the left-out images' objects count as missed in the COCO metrics
+    checked = preflight({"val": dataset}, mode=args.check_images, policy=args.on_bad_image, output=args.output,
+                        progress=args.progress)
     if list(dataset.cat_ids) != predictor.cat_ids:
         log.error("%s has categories %s but the model was trained on %s", val_json, list(dataset.cat_ids),
                   predictor.cat_ids)
@@ -84,7 +89,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics_out = {k: v for k, v in metrics.items() if k != "summary"}
     metrics_out["evaluated"] = {"checkpoints": args.checkpoint, "scales": predictor.scales, "flip": args.tta_flip,
                                 "merge": args.merge if n_variants > 1 else None, "val_json": val_json,
-                                "fast_path": args.fast_path}
+                                "fast_path": args.fast_path, "bad_images_left_out": len(checked.bad)}
     atomic_write_text(json.dumps(metrics_out, indent=2) + "\n", out_dir / "metrics.json")
     write_detections_json(results, out_dir / "detections.json")
     data = DetData(dataset, dataset, None, None, None, val_json, list(dataset.cat_ids), list(dataset.class_names))

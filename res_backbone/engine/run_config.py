@@ -169,7 +169,8 @@ def add_image_check_args(g, training: bool = True) -> None:
                         "(decode every pixel), none. Results are cached in the output folder (preflight_cache.json)")
     during = ("exit 2 before training; a fault mid-run writes a checkpoint and exits 2. skip: leave bad images "
               "out (counted in the log and bad_images.json); a fault mid-run takes the next image instead"
-              if training else "exit 2 before evaluating. skip: evaluate without them (metrics.json counts them)")
+              if training else "exit 2 before evaluating. skip: evaluate without them (metrics.json counts them; in COCO "
+                                "metrics their objects count as missed)")
     g.add_argument("--on-bad-image", default="error", choices=("error", "skip"),
                    help=f"error (default): list every bad image in bad_images.json and {during}")
 

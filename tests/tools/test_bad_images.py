@@ -191,3 +191,29 @@ def test_evaluation_tools_check_first(coco, tmp_path, caplog):
     args = ["--checkpoint", str(tmp_path / "loc" / "checkpoint_last.pt"), "--no-progress",
             "--output", str(tmp_path / "le")]
     assert eval_loc.main(args) == 2 and "missing: 1" in caplog.text
+
+
+def test_train_cls_mid_run_fault_keeps_the_training_done(tmp_path, caplog):
+    root = _folders(tmp_path / "imgs", n=8)
+    for i in range(4, 8):  # damaged pixels: the header check passes, decoding fails when a batch reaches them
+        _damage_pixels(root / "train" / "a" / f"{i}.png")
+    out = tmp_path / "run"
+    assert train_cls.main(_cls_args(root, out, "--batch-size", "2")) == 2
+    assert "bad image during training" in caplog.text
+    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["iter"] >= 0
+    assert train_cls.main(_cls_args(root, tmp_path / "skip", "--batch-size", "2", "--on-bad-image", "skip")) == 0
+    assert _report(tmp_path / "skip")["mid_run"]
+
+
+def test_eval_det_checks_first(coco, tmp_path, caplog):
+    import eval_det
+
+    paths = _copy(coco, tmp_path)
+    assert train_det.main(_det_args(paths, tmp_path / "det", "--max-iters", "1")) == 0
+    val = json.loads(open(paths["val_json"]).read())
+    (tmp_path / "data" / "val" / val["images"][0]["file_name"]).write_bytes(b"")
+    args = ["--checkpoint", str(tmp_path / "det" / "checkpoint_last.pt"), "--workers", "0", "--num-pictures", "0",
+            "--no-progress", "--output", str(tmp_path / "ev")]
+    assert eval_det.main(args) == 2 and "empty: 1" in caplog.text
+    assert eval_det.main(args + ["--on-bad-image", "skip"]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["evaluated"]["bad_images_left_out"] == 1
