@@ -134,3 +134,20 @@ def test_export_tool_verifies_on_images(tmp_path, capsys):
     assert export_tool.main(["--checkpoint", str(cls), "--format", "onnx", "--output", str(out)]) == 2  # no images
     assert export_tool.main(["--checkpoint", str(tmp_path / "missing.pt"), "--format", "pt2",
                              "--output", str(tmp_path / "m.pt2")]) == 2
+
+
+def test_a_missing_deploy_package_names_the_extra(monkeypatch):
+    import builtins
+
+    from heads.export import MissingDeployDependency, require
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(MissingDeployDependency, match=r"onnxruntime is not installed: pip install -e '\.\[deploy\]'"):
+        require("onnxruntime")
