@@ -5,7 +5,8 @@ Each rewrite was measured with ``tools/bench.py backbone --ablation`` (``docs/be
 * **BatchNorm folding** (``w' = w * g / sqrt(v + eps)``, ``b' = beta - g * m / sqrt(v + eps)``)
   removes one elementwise pass per conv: +5..10% on CPU at batch 8.
 * **Channels-last** weights and inputs let oneDNN/cuDNN use their NHWC kernels: the largest gain
-  on CPU (ResNet-50, batch 8: +25% over folding alone, 1.30x torchvision's img/s in all).
+  on CPU (ResNet-50, batch 8: 1.14x over NCHW; torchvision and timm gain about as much from it themselves,
+  so against them at their best layout the fast path is 1.02-1.05x: docs/bench_cpu.md).
 * **Fused epilogues** (``fuse=True``, opt-in): on CPU every ``conv -> relu`` and
   ``conv -> (+ shortcut) -> relu`` of a folded block runs as one oneDNN call
   (``torch.ops.mkldnn._convolution_pointwise``, the kernel ``torch.compile``'s CPU backend emits for
