@@ -19,6 +19,8 @@ Keys (all JSON-serialisable, so they fit ONNX ``metadata_props`` and TorchScript
 * ``image_size``: detection and localization: the longer side (detection) or side (localization) images are
   resized to; classification: the square input side.
 * ``library_version``: the version that trained the model.
+* ``crop_pct``, ``interpolation``: classification only (else None): evaluation resizes the shorter side to
+  ``image_size / crop_pct`` with this interpolation, then crops the centre.
 """
 from __future__ import annotations
 
@@ -84,6 +86,9 @@ def model_meta(ckpt: Dict[str, Any], *, source: str = "checkpoint") -> Dict[str,
         "std": [float(v) for v in pcfg.get("std", IMAGENET_STD)],
         "image_size": int(image_size),
         "library_version": str(ckpt.get("library_version", "unknown")),
+        # how a classifier's evaluation resized before cropping (None elsewhere): exported files keep it too
+        "crop_pct": pcfg.get("crop_pct") if task == "classification" else None,
+        "interpolation": pcfg.get("interpolation") if task == "classification" else None,
     }
 
 

@@ -68,8 +68,6 @@ def load_model(path: Union[str, os.PathLike], *, device: str = "cpu", expect_tas
     ckpt = load_checkpoint(path)
     meta = model_meta(ckpt, source=path)
     check_task(meta, expect_task, source=path)
-    pcfg = ckpt.get("pretrained_cfg") or {}
-    meta["crop_pct"], meta["interpolation"] = pcfg.get("crop_pct"), pcfg.get("interpolation")  # classification
     if meta["task"] == "detection":
         from heads.detection.ensemble import detector_from_checkpoint
 
