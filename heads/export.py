@@ -235,15 +235,11 @@ def verification_batches(meta: Dict, image_paths: List[PathLike], sizes: Tuple[f
             if meta["task"] == "localization":  # square inputs, as its evaluation resizes them
                 x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear",
                                                     align_corners=False)[0]
-            if _in_chans_meta(meta) == 1:
+            if int(meta.get("in_chans") or 3) == 1:
                 x = x[:1]
             hw = torch.tensor([[x.shape[1], x.shape[2]]], dtype=torch.long)
             out.append((f"{name} @ {size} px", pad_images([x], 32), hw))
     return out
-
-
-def _in_chans_meta(meta: Dict) -> int:
-    return int(meta.get("in_chans") or 3)
 
 
 def compare(eager: nn.Module, exported, batches, meta: Dict) -> Dict:

@@ -39,7 +39,7 @@ from ..io import atomic_write_text
 from .images import ImageDecodeError, ImageSizeMismatchError, _open_checked, load_rgb_image
 
 __all__ = ["BadImage", "BadImageFault", "BadImagesError", "CHECK_MODES", "GuardedDataset", "IMAGE_FAULTS",
-           "POLICIES", "PreflightReport", "check_image", "finish_report", "preflight"]
+           "POLICIES", "PreflightReport", "check_image", "finish_report", "last_line", "preflight"]
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,6 @@ def _load_cache(path: Optional[Path], mode: str) -> Dict[str, list]:
     return data.get("files", {})
 
 
-def _entries(dataset) -> List[Tuple[Union[int, str], Optional[Path], Optional[Tuple[int, int]], str]]:
-    """``(key, path or None, expected size, problem)`` per image of a dataset with ``image_files()``."""
-    return list(dataset.image_files())
-
-
 def preflight(datasets: Dict[str, object], *, mode: str = "header", policy: str = "error",
               output: Optional[Union[str, os.PathLike]] = None, workers: int = 8, progress: bool = True,
               ) -> PreflightReport:
@@ -203,7 +198,7 @@ def preflight(datasets: Dict[str, object], *, mode: str = "header", policy: str 
     for split, ds in datasets.items():
         if ds is None:
             continue
-        for key, path, expected, problem in _entries(ds):
+        for key, path, expected, problem in ds.image_files():
             if path is None:
                 bad.append(BadImage(split, key, "", "outside_root", problem))
                 continue
@@ -324,9 +319,9 @@ class GuardedDataset:
         return getattr(self.dataset, name)
 
     def _record(self, index: int, err: BaseException) -> None:
-        line = json.dumps({"index": index, "error": f"{type(err).__name__}: {_one_line(err)}",
+        line = json.dumps({"index": index, "error": f"{type(err).__name__}: {last_line(err)}",
                            "time": time.time()}) + "\n"
-        log.warning("skipping a bad image mid-run (item %d): %s", index, _one_line(err))
+        log.warning("skipping a bad image mid-run (item %d): %s", index, last_line(err))
         if self.record_path is not None:
             fd = os.open(self.record_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
@@ -342,12 +337,13 @@ class GuardedDataset:
                 return self.dataset[i]
             except IMAGE_FAULTS as e:
                 if self.policy == "error":
-                    raise BadImageFault(f"bad image during training (--on-bad-image error): {_one_line(e)}") from e
+                    raise BadImageFault(f"bad image during training (--on-bad-image error): {last_line(e)}") from e
                 self._record(i, e)
         raise BadImageFault(f"{self.max_consecutive} consecutive bad images from item {index} on: "
                             "is the image folder gone?")
 
 
-def _one_line(err: BaseException) -> str:
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error's message (a DataLoader worker's re-raised error ends with it)."""
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__

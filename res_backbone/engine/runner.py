@@ -34,7 +34,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_mod
 from .faults import fault_point
-from ..data.preflight import IMAGE_FAULTS, BadImageFault
+from ..data.preflight import IMAGE_FAULTS, BadImageFault, last_line
 from .optim import build_optimizer
 from .optim_step import NonFiniteLossError
 
@@ -332,7 +332,7 @@ def run_epochs(
             if not fault_checkpoints:
                 raise
             save(done)
-            raise BadImageFault(f"{_last_line(e)}; the {done} iteration(s) trained are in "
+            raise BadImageFault(f"{last_line(e)}; the {done} iteration(s) trained are in "
                                 f"{Path(output) / LAST_CHECKPOINT} (rerun with --resume auto)") from e
         except Preempted:
             raise
@@ -362,7 +362,3 @@ def _emergency_save(save: Callable[..., None], done: int, output: Union[str, Pat
         log.error("emergency checkpoint after iteration %d: %s (the last good checkpoint is untouched; "
                   "--resume %s continues from it)", done, path, path)
 
-
-def _last_line(err: BaseException) -> str:
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
