@@ -28,6 +28,7 @@ are stored in the file: ONNX ``metadata_props``, the ``.pt2`` archive's extra fi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -146,11 +147,32 @@ def _example(meta: Dict, model: nn.Module) -> Tuple[torch.Tensor, ...]:
     return (x,)
 
 
+@contextlib.contextmanager
+def nms_may_keep_none():
+    """While exporting, let ``torchvision::nms`` keep any number of boxes, none and one included.
+
+    torchvision's fake kernel sizes its output with ``create_unbacked_symint()``, whose default lower bound is 2, so
+    ``torch.export`` writes the run-time assertion ``u >= 2`` after every NMS: a ``.pt2`` detector then stops on an
+    image where NMS keeps fewer than 2 boxes. Inside this block the fake kernel says ``0 <= kept <= len(boxes)``;
+    the registration is removed on exit (torchvision's own comes back).
+    """
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+
+    def fake_nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+        return dets.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
+
+    try:
+        torch.library.register_fake("torchvision::nms", fake_nms, lib=lib)
+        yield
+    finally:
+        lib._destroy()
+
+
 def _exported_program(graph: GraphModule, example: Tuple[torch.Tensor, ...], task: str):
     auto = torch.export.Dim.AUTO
     images = {2: auto, 3: auto} if task == "detection" else {0: auto, 2: auto, 3: auto}
     shapes = {"images": images, "image_sizes": None} if task == "detection" else {"images": images}
-    with torch.no_grad():
+    with torch.no_grad(), nms_may_keep_none():
         return torch.export.export(graph, example, dynamic_shapes=shapes, strict=False)
 
 

@@ -88,9 +88,9 @@ class ExportedModel:
                 except RuntimeError as e:
                     if self.format == "pt2" and "Runtime assertion failed" in str(e):
                         raise RuntimeError(
-                            f"{self.source}: this .pt2 detector stops when NMS keeps fewer than 2 boxes of an image "
-                            "(torch.export assumes a data-dependent size is not 0 or 1; docs/deploy.md). The ONNX "
-                            "file of the same checkpoint handles it: tools/export.py --format onnx") from e
+                            f"{self.source}: this .pt2 detector was exported with torchvision's bound on NMS "
+                            "(at least 2 boxes kept) and stops on an image where NMS keeps fewer; files that "
+                            "tools/export.py writes now have no such bound: export it again (docs/deploy.md)") from e
                     raise
                 out.append({"boxes": boxes, "scores": scores, "labels": labels.long()})
             return out

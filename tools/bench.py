@@ -6,6 +6,7 @@
     python tools/bench.py report docs/bench_cpu.json > tables.md
     python tools/bench.py detector --models resnet18,resnet50 --image-size 512 --output det_bench.json
     python tools/bench.py deploy --checkpoint runs/demo/checkpoint_best.pt --files runs/demo/model.onnx --sizes 160,512
+    python tools/bench.py deploy --models resnet18,resnet50 --sizes 512,800 --repeats 5 --threads 2
 
 ``summary`` prints parameters and multiply-adds of every registered model for both bottleneck
 stride placements; ``report`` turns a ``backbone`` JSON into markdown tables. ``backbone`` times inference and one training step of torchvision's, timm's and
@@ -92,16 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", metavar="FILE.json", help="write results, ratios, equivalence and environment here")
     d.set_defaults(func=cmd_detector)
 
-    e = sub.add_parser("deploy", help="a trained detector's latency: as trained, inference copy, exported files",
-                       description="Times one image per call through the model as trained, its inference copy and "
-                                   "each --files export (onnxruntime CPU, .pt2, TorchScript), interleaved, with the "
-                                   "share of this machine's fp32 peak (torch.mm) each reaches.")
-    e.add_argument("--checkpoint", required=True, help="a train_det.py checkpoint")
-    e.add_argument("--files", nargs="*", default=[], help="its exported files (tools/export.py)")
+    e = sub.add_parser("deploy", help="a detector's latency through every way of running it, against torchvision",
+                       description="--checkpoint: times one image per call through a trained detector as trained, its "
+                                   "inference copy and each --files export (onnxruntime CPU, .pt2, TorchScript). "
+                                   "--models: builds torchvision's FasterRCNN and ours with the same weights for each "
+                                   "depth and times torchvision (NCHW and channels-last), ours as built, its inference "
+                                   "copy, torch.compile of it, its ONNX file in onnxruntime and that file quantized to "
+                                   "int8; every contender's detections are compared with torchvision's. Interleaved, "
+                                   "with the share of this machine's fp32 peak (torch.mm) each reaches.")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a train_det.py checkpoint")
+    src.add_argument("--models", type=_csv(str), help="comma-separated ResNet depths, e.g. resnet18,resnet50 "
+                                                      "(random weights shared with torchvision's model)")
+    e.add_argument("--files", nargs="*", default=[], help="with --checkpoint: its exported files (tools/export.py)")
     e.add_argument("--sizes", type=_csv(int), default=[512, 800], help="square input sides (default 512,800)")
     e.add_argument("--repeats", type=int, default=15, help="timed calls per contender and size (default 15)")
     e.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     e.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
+    e.add_argument("--no-compile", action="store_true", help="with --models: leave out the torch.compile row")
+    e.add_argument("--no-int8", action="store_true", help="with --models: leave out the int8 onnxruntime row")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--workdir", default=".cache/bench_deploy",
+                   help="with --models: where the ONNX files are written (default .cache/bench_deploy)")
     e.add_argument("--output", metavar="FILE.json", help="write the rows and the environment here")
     e.set_defaults(func=cmd_deploy)
 

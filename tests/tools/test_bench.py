@@ -124,3 +124,21 @@ def test_bench_deploy_times_a_detector_checkpoint(tmp_path, capsys):
     assert set(rows) == {"eager (as trained)", "inference copy"} and result["peak_gflops"] > 0
     assert all(r["ms_per_image"] > 0 and r["gmacs"] > 0 and 0 < r["share_of_peak"] for r in rows.values())
     assert "| 96 | inference copy |" in markdown(result)
+
+
+def test_bench_deploy_models_against_torchvision(tmp_path):
+    """--models: torchvision's FasterRCNN and ours with the same weights; ours gives torchvision's detections.
+    (The ONNX rows' equivalence is tests/heads/export's; here they would cost a minute of export.)"""
+    from studies.bench_deploy import bench_deploy_models, markdown_models
+
+    result = bench_deploy_models(["resnet18"], [64], repeats=1, warmup=0, compile=False, onnx=False,
+                                 workdir=str(tmp_path))
+    rows = {r["contender"]: r for r in result["rows"]}
+    assert set(rows) == {"torchvision (NCHW)", "torchvision (channels-last)", "ours as built", "inference copy"}
+    assert rows["ours as built"]["num_detections"] > 0
+    for name in ("ours as built", "inference copy"):
+        assert rows[name]["within_tolerance"] and rows[name]["same_labels"], rows[name]
+    assert max(r["x_torchvision_best"] for k, r in rows.items() if k.startswith("torchvision")) == 1.0
+    assert "| resnet18-FPN | 64 | inference copy |" in markdown_models(result)
+    rows["inference copy"].update(contender="ONNX Runtime int8", within_tolerance=False)
+    assert "approximate (int8): labels the same" in markdown_models(result)

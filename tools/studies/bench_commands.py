@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from res_backbone import list_models
 from studies import bench_backbone
@@ -43,8 +44,6 @@ def cmd_backbone(args: argparse.Namespace) -> None:
     train_bs = 0 if args.no_train else args.train_batch_size
     total = len(args.models) * bench_backbone.count_calls(
         args.batch_sizes, bool(train_bs), args.repeats, args.warmup, args.ablation)
-    from tqdm import tqdm
-
     runs = []
     with tqdm(total=total, desc="bench", unit="call", disable=args.no_progress) as bar:
         for name in args.models:
@@ -93,11 +92,20 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
-    from studies.bench_deploy import bench_deploy, markdown
+    from studies.bench_deploy import bench_deploy, bench_deploy_models, markdown, markdown_models
 
-    result = bench_deploy(args.checkpoint, args.files, args.sizes, repeats=args.repeats, warmup=args.warmup,
-                          threads=args.threads)
+    if args.models:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        with tqdm(desc="deploy", unit="call", disable=args.no_progress) as bar:
+            result = bench_deploy_models(args.models, args.sizes, repeats=args.repeats, warmup=args.warmup,
+                                         threads=args.threads, compile=not args.no_compile, int8=not args.no_int8,
+                                         workdir=args.workdir, on_step=lambda _: bar.update())
+        table = markdown_models(result)
+    else:
+        result = bench_deploy(args.checkpoint, args.files, args.sizes, repeats=args.repeats, warmup=args.warmup,
+                              threads=args.threads)
+        table = markdown(result)
     print(f"fp32 peak (torch.mm): {result['peak_gflops']} GFLOP/s on {torch.get_num_threads()} thread(s)")
-    print(markdown(result))
+    print(table)
     if args.output:
         write_json(args.output, result)
