@@ -41,6 +41,7 @@ from pathlib import Path
 from res_backbone.engine.run_config import (
     add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
 )
+from res_backbone.evaluation.coco import add_coco_backend_arg
 
 log = logging.getLogger("train_det")
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                      pictures_help="val images drawn into predictions/ (default 8)")
     r.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="seconds a collective waits for the other torchrun ranks before failing (default 1800)")
+    add_coco_backend_arg(r)
     return p
 
 
@@ -117,7 +119,9 @@ def _train(args: argparse.Namespace, dist) -> int:
     from heads.detection import train as det_run
     from heads.detection.run import run
     from res_backbone.engine import config as cfgmod
+    from res_backbone.evaluation.coco import require_backend
 
+    require_backend(args.coco_backend)  # before training, not after it
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     cfg.model_kwargs = {k: getattr(args, k) for k in MODEL_FLAGS}

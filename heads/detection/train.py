@@ -75,6 +75,7 @@ class DetTrainConfig(FineTuneConfig):
     compile: bool = False
     workers: int = 2
     score_thresh_pictures: float = 0.3
+    coco_backend: str = "pycocotools"  # or "faster" (faster-coco-eval): res_backbone.evaluation.coco
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
 
@@ -213,7 +214,7 @@ def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optiona
     results = gather_results(results)
     if not is_main:
         return None
-    metrics = coco_evaluate(data.val_json, results, class_names=data.class_names)
+    metrics = coco_evaluate(data.val_json, results, class_names=data.class_names, backend=cfg.coco_backend)
     metrics.update(peak_rss_report())
     if write and out_dir is not None:
         write_detections_json(results, out_dir / "detections.json")
