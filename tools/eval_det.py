@@ -10,7 +10,8 @@ The validation data defaults to the one the (first) checkpoint was trained with.
 merged by NMS or weighted box fusion. Prints the COCO table (and a per-class AP / AP50 / recall
 table) and writes into --output: metrics.json (12 COCO stats, per-class AP, AP50 and recall, the COCO
 backend that ran), detections.json (COCO results format, original category ids; pycocotools' loadRes
-reads it) and predictions/*.png. --coco-backend faster computes the same numbers with
+reads it) and predictions/*.png; with --diagnostics also pr_curves.png, confusion.png/.json,
+diagnostics.json (error breakdown, RPN recall) and worst/*.png. --coco-backend faster computes the same numbers with
 faster-coco-eval (pip install 'res-backbone[eval]'), ~5x faster on large sets (docs/diagnostics.md).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from res_backbone.engine.run_config import add_image_check_args, tool_main
 from res_backbone.evaluation.coco import add_coco_backend_arg
+from res_backbone.evaluation.diagnostics import add_diagnostics_args
 
 log = logging.getLogger("eval_det")
 
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_running_args(p)
     p.add_argument("--num-pictures", type=int, default=8, help="val images drawn into predictions/ (default 8)")
     add_coco_backend_arg(p)
+    add_diagnostics_args(p)
     p.add_argument("--output", required=True, help="folder for metrics.json, detections.json, predictions/")
     add_image_check_args(p, training=False)
     return p
@@ -99,6 +102,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     write_detections_json(results, out_dir / "detections.json")
     data = DetData(dataset, dataset, None, None, None, val_json, list(dataset.cat_ids), list(dataset.class_names))
     write_pictures(data, results, out_dir / "predictions", args.num_pictures, 0.3)
+    if args.diagnostics:
+        from heads.detection.diagnostics import diagnose, report_text
+
+        diag = diagnose(predictor, dataset, results, val_json, out_dir, score_thresh=args.diagnostics_score_thresh,
+                        backend=args.coco_backend, per_class_ap=metrics["per_class_AP"], progress=args.progress)
+        print(report_text(diag, out_dir))
     print(f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  ({n_variants} variant(s); COCO backend "
           f"{metrics['coco_backend']})  ->  {out_dir}/metrics.json")
     return 0

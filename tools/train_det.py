@@ -42,6 +42,7 @@ from res_backbone.engine.run_config import (
     add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
 )
 from res_backbone.evaluation.coco import add_coco_backend_arg
+from res_backbone.evaluation.diagnostics import add_diagnostics_args
 
 log = logging.getLogger("train_det")
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="seconds a collective waits for the other torchrun ranks before failing (default 1800)")
     add_coco_backend_arg(r)
+    add_diagnostics_args(r)
     return p
 
 
@@ -134,6 +136,15 @@ def _train(args: argparse.Namespace, dist) -> int:
         print(metrics.get("summary", ""))
         print(f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  ->  {out / 'metrics.json'}, "
               f"{out / 'detections.json'}, {out / 'predictions'}/  (peak RSS {metrics['peak_rss_mib']:.0f} MiB)")
+        if args.diagnostics:  # the final model (checkpoint_last.pt) and its evaluation's detections.json
+            from heads.detection.diagnostics import diagnose_checkpoint, report_text
+
+            diag = diagnose_checkpoint(
+                out / "checkpoint_last.pt", cfg.val_json, cfg.val_images, out / "detections.json", out,
+                device=det_run.resolve_device(cfg.device), amp=args.amp, batch_size=cfg.batch_size, workers=cfg.workers,
+                score_thresh=args.diagnostics_score_thresh, backend=cfg.coco_backend,
+                per_class_ap=metrics["per_class_AP"], progress=cfg.progress)
+            print(report_text(diag, out))
     return 0
 
 

@@ -40,7 +40,7 @@ from pycocotools.coco import COCO
 from ..io import atomic_write_bytes, atomic_write_json
 from .coco import _load_results, load_coco_gt, run_cocoeval
 
-__all__ = ["ERROR_TYPES", "HOW_COMPUTED", "box_iou_xywh", "coco_diagnostics", "confusion_matrix", "error_breakdown",
+__all__ = ["ERROR_TYPES", "HOW_COMPUTED", "add_diagnostics_args", "box_iou_xywh", "coco_diagnostics", "confusion_matrix", "error_breakdown",
            "match_detections", "plot_confusion", "plot_pr_curves", "worst_images", "write_diagnostics"]
 
 ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "missed")
@@ -73,6 +73,15 @@ def _intersection(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray,
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def add_diagnostics_args(parser) -> None:
+    """``--diagnostics`` and ``--diagnostics-score-thresh`` on an argparse parser (or group)."""
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also write pr_curves.png, confusion.png/.json, diagnostics.json (error breakdown: "
+                             "AP50 gained per fixed error type; RPN recall) and worst/*.png (docs/diagnostics.md)")
+    parser.add_argument("--diagnostics-score-thresh", type=float, default=0.5,
+                        help="score threshold of the confusion matrix and the worst images (default 0.5)")
 
 
 def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -283,9 +292,9 @@ def coco_diagnostics(coco_gt_or_json: Union[COCO, str, os.PathLike, Mapping[str,
 
 
 # ---------------------------------------------------------------------------------------------- pictures
-def _save_figure(fig, path: Union[str, os.PathLike]) -> None:
+def _save_figure(fig, path: Union[str, os.PathLike], tight: bool = True) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, **({"bbox_inches": "tight"} if tight else {}))
     atomic_write_bytes(buf.getvalue(), path)
 
 
@@ -315,8 +324,9 @@ def plot_pr_curves(pr: Mapping[str, Any], path: Union[str, os.PathLike], ap: Opt
             ax.set_ylabel("precision", fontsize=8)
         if k >= len(names) - cols:
             ax.set_xlabel("recall", fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, path)
+    w, h = fig.get_size_inches()  # margins in inches: tight_layout would draw the figure twice more
+    fig.subplots_adjust(left=0.6 / w, right=1 - 0.1 / w, bottom=0.5 / h, top=1 - 0.3 / h, wspace=0.3, hspace=0.45)
+    _save_figure(fig, path, tight=False)
 
 
 def plot_confusion(conf: Mapping[str, Any], path: Union[str, os.PathLike]) -> None:
