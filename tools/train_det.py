@@ -23,7 +23,8 @@ Writes into --output: config.yaml (every resolved option), checkpoint_last.pt (a
 --checkpoint-every iterations; checkpoint_prev.pt keeps the one before), checkpoint_best.pt (best
 val AP), log.jsonl and TensorBoard events (tb/), metrics.json (AP, AP50, AP75, APs, APm, APl, AR1,
 AR10, AR100, ARs, ARm, ARl, per-class AP), detections.json (COCO results, original category ids)
-and predictions/*.png (val images: predictions coloured by class, ground truth dashed).
+and predictions/*.png (val images: predictions coloured by class, ground truth dashed). With --diagnostics,
+at the end also pr_curves.png, confusion.png/.json, diagnostics.json and worst/*.png (docs/diagnostics.md).
 
 Exit codes: 0 done, 1 unexpected error (under torchrun the message names the rank that failed first),
 2 bad arguments or input, 3 non-finite losses (the last good checkpoint is kept), 143 stopped by

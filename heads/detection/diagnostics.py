@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from res_backbone.io import atomic_write_json
 from res_backbone.evaluation.diagnostics import ERROR_TYPES, coco_diagnostics, write_diagnostics
 
 __all__ = ["RPN_IOUS", "RPN_TOPS", "SIZE_BUCKETS", "diagnose", "diagnose_checkpoint", "greedy_covered", "proposal_recall",
@@ -155,6 +156,11 @@ def diagnose(predictor, dataset, results: List[Dict[str, Any]], val_json, out_di
     from .train import DetData, write_pictures
 
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not len(dataset) or not dataset.cat_ids:  # nothing to diagnose; the metrics said so already (all -1)
+        reason = f"{val_json}: no images or no categories to diagnose"
+        atomic_write_json({"skipped": reason}, out / "diagnostics.json", indent=2)
+        return {"skipped": reason}
     diag = coco_diagnostics(val_json, results, score_thresh=score_thresh, backend=backend, num_worst=num_worst)
     diag["rpn_recall"] = rpn_recall(predictor, dataset, progress=progress)
     write_diagnostics(diag, out, per_class_ap, extra={"rpn_recall": diag["rpn_recall"]})
@@ -189,6 +195,8 @@ def diagnose_checkpoint(checkpoint, val_json, val_images, detections_json, out_d
 
 def report_text(diag: Mapping[str, Any], out_dir) -> str:
     """The printed part of :func:`diagnose`: the error breakdown and the RPN recall as short tables."""
+    if "skipped" in diag:
+        return f"Diagnostics skipped: {diag['skipped']}"
     tide = diag["tide"]
     lines = [f"Error breakdown (TIDE, AP50 {tide['AP50']:.3f}; AP50 gained if each error type were fixed):",
              "  " + "  ".join(f"{k:>6}" for k in ERROR_TYPES),
