@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,deploy]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,deploy,eval]'
 	touch $(STAMP)
 
 # The main job: train a detector on the embedded synthetic data, evaluate it with COCO metrics and

@@ -23,7 +23,8 @@ Writes into --output: config.yaml (every resolved option), checkpoint_last.pt (a
 --checkpoint-every iterations; checkpoint_prev.pt keeps the one before), checkpoint_best.pt (best
 val AP), log.jsonl and TensorBoard events (tb/), metrics.json (AP, AP50, AP75, APs, APm, APl, AR1,
 AR10, AR100, ARs, ARm, ARl, per-class AP), detections.json (COCO results, original category ids)
-and predictions/*.png (val images: predictions coloured by class, ground truth dashed).
+and predictions/*.png (val images: predictions coloured by class, ground truth dashed). With --diagnostics,
+at the end also pr_curves.png, confusion.png/.json, diagnostics.json and worst/*.png (docs/diagnostics.md).
 
 Exit codes: 0 done, 1 unexpected error (under torchrun the message names the rank that failed first),
 2 bad arguments or input, 3 non-finite losses (the last good checkpoint is kept), 143 stopped by
@@ -41,6 +42,8 @@ from pathlib import Path
 from res_backbone.engine.run_config import (
     add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
 )
+from res_backbone.evaluation.coco import add_coco_backend_arg
+from res_backbone.evaluation.diagnostics import add_diagnostics_args
 
 log = logging.getLogger("train_det")
 
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                      pictures_help="val images drawn into predictions/ (default 8)")
     r.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="seconds a collective waits for the other torchrun ranks before failing (default 1800)")
+    add_coco_backend_arg(r)
+    add_diagnostics_args(r)
     return p
 
 
@@ -117,7 +122,9 @@ def _train(args: argparse.Namespace, dist) -> int:
     from heads.detection import train as det_run
     from heads.detection.run import run
     from res_backbone.engine import config as cfgmod
+    from res_backbone.evaluation.coco import require_backend
 
+    require_backend(args.coco_backend)  # before training, not after it
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     cfg.model_kwargs = {k: getattr(args, k) for k in MODEL_FLAGS}
@@ -130,6 +137,15 @@ def _train(args: argparse.Namespace, dist) -> int:
         print(metrics.get("summary", ""))
         print(f"AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  ->  {out / 'metrics.json'}, "
               f"{out / 'detections.json'}, {out / 'predictions'}/  (peak RSS {metrics['peak_rss_mib']:.0f} MiB)")
+        if args.diagnostics:  # the final model (checkpoint_last.pt) and its evaluation's detections.json
+            from heads.detection.diagnostics import diagnose_checkpoint, report_text
+
+            diag = diagnose_checkpoint(
+                out / "checkpoint_last.pt", cfg.val_json, cfg.val_images, out / "detections.json", out,
+                device=det_run.resolve_device(cfg.device), amp=args.amp, batch_size=cfg.batch_size, workers=cfg.workers,
+                score_thresh=args.diagnostics_score_thresh, backend=cfg.coco_backend,
+                per_class_ap=metrics["per_class_AP"], progress=cfg.progress)
+            print(report_text(diag, out))
     return 0
 
 

@@ -75,6 +75,7 @@ class DetTrainConfig(FineTuneConfig):
     compile: bool = False
     workers: int = 2
     score_thresh_pictures: float = 0.3
+    coco_backend: str = "pycocotools"  # or "faster" (faster-coco-eval): res_backbone.evaluation.coco
     model_kwargs: Dict = field(default_factory=dict)
     detector_kwargs: Dict = field(default_factory=dict)  # what rebuilds the model (heads.build_detector)
 
@@ -213,7 +214,7 @@ def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optiona
     results = gather_results(results)
     if not is_main:
         return None
-    metrics = coco_evaluate(data.val_json, results, class_names=data.class_names)
+    metrics = coco_evaluate(data.val_json, results, class_names=data.class_names, backend=cfg.coco_backend)
     metrics.update(peak_rss_report())
     if write and out_dir is not None:
         write_detections_json(results, out_dir / "detections.json")
@@ -223,8 +224,10 @@ def evaluate(model, data: DetData, cfg: DetTrainConfig, device, out_dir: Optiona
     return metrics
 
 
-def write_pictures(data: DetData, results: List[dict], folder: Path, count: int, score_thresh: float) -> List[Path]:
-    """Draw predictions (coloured by class) and ground truth on the first ``count`` val images."""
+def write_pictures(data: DetData, results: List[dict], folder: Path, count: int, score_thresh: float, *,
+                   image_ids: Optional[Sequence[int]] = None, names: Optional[Sequence[str]] = None) -> List[Path]:
+    """Draw predictions (coloured by class) and ground truth on the first ``count`` val images (of
+    ``image_ids`` when given), into ``folder/<image id or names[i]>.png``."""
     if count <= 0 or data.val_set is None:
         return []
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,11 +236,12 @@ def write_pictures(data: DetData, results: List[dict], folder: Path, count: int,
         by_image.setdefault(r["image_id"], []).append(r)
     written = []
     label_of = {c: i + 1 for i, c in enumerate(data.cat_ids)}
-    for image_id in data.val_set.image_ids[:count]:
+    ids = list(data.val_set.image_ids if image_ids is None else image_ids)[:count]
+    for i, image_id in enumerate(ids):
         dets = [r for r in by_image.get(image_id, []) if r["score"] >= score_thresh]
         gt = data.val_set.original_annotations(image_id)
         info = data.val_set.coco.imgs[image_id]
-        path = folder / f"{image_id}.png"
+        path = folder / f"{image_id if names is None else names[i]}.png"
         draw_detections(
             data.val_set.image_path(image_id),
             pred_boxes=[_xyxy(r["bbox"]) for r in dets], pred_labels=[label_of[r["category_id"]] for r in dets],

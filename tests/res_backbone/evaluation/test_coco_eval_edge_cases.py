@@ -144,14 +144,16 @@ def test_eval_det_prints_and_writes_the_convention(det_checkpoint, gt_name, caps
     (folder / "val.json").write_text(json.dumps(gt))
     rc = _eval_det(["--checkpoint", str(ckpt), "--val-json", str(folder / "val.json"), "--val-images",
                     str(folder / "images"), "--image-size", "64", "--workers", "0", "--batch-size", "2",
-                    "--num-pictures", "1", "--no-progress", "--output", str(folder / "out")])
+                    "--num-pictures", "1", "--no-progress", "--diagnostics", "--output", str(folder / "out")])
     assert rc == 0
     printed = capsys.readouterr().out
     assert UNDEFINED_NOTE in printed
     metrics = json.loads((folder / "out" / "metrics.json").read_text())
     assert metrics["note"] == UNDEFINED_NOTE and metrics["per_class_AP"]["ghost"] == -1.0
     assert all(isinstance(metrics[k], float) and not math.isnan(metrics[k]) for k in STAT_NAMES)
+    diagnostics = json.loads((folder / "out" / "diagnostics.json").read_text())  # defined in both cases
     if gt_name == "empty_val_set":
+        assert "Diagnostics skipped" in printed and "no images" in diagnostics["skipped"]
         assert all(metrics[k] == -1.0 for k in STAT_NAMES) and "no images" in printed
         assert json.loads((folder / "out" / "detections.json").read_text()) == []
     else:
