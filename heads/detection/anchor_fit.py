@@ -345,7 +345,7 @@ def plot_coverage(report: Dict[str, Any], path) -> Path:
         keep = [i for i, r in enumerate(rows) if r["boxes"]]
         for t, colour in zip(THRESHOLDS, ("#4c72b0", "#c44e52")):
             ax.plot(centres[keep], [rows[i][f"iou_{t}"] for i in keep], style, marker="o", ms=3, color=colour,
-                    label=f"{name}, IoU >= {t}: {report[name]['coverage'][f'iou_{t}']:.0%}")
+                    label=f"{name}, IoU >= {t}: {report[name]['coverage'][f'iou_{t}'] or 0:.0%}")
     used = [centres[i] for i, r in enumerate(report["current"]["coverage"]["by_size"]) if r["boxes"]]
     log2_axis(ax, min(used, default=4) / 1.5, max(used, default=512) * 1.5)
     ax.set_ylim(-0.02, 1.02)

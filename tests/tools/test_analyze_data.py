@@ -55,3 +55,12 @@ def test_missing_json_and_bad_flags(tmp_path, caplog):
     rc = analyze_data.main(["--json", str(tmp_path / "none.json"), "--images", str(tmp_path), "--output", str(tmp_path),
                             "--anchor-sizes", "auto", "16"])
     assert rc == 2 and "stands alone" in caplog.text
+
+
+def test_a_set_without_boxes_is_reported_not_crashed(tmp_path, capsys):
+    path, root = write_set(tmp_path / "data", [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}], [],
+                           [{"id": 1, "name": "x"}])
+    rc = analyze_data.main(["--json", str(path), "--images", str(root), "--output", str(tmp_path / "o"),
+                            "--image-size", "auto", "--no-progress"])
+    assert rc == 0 and "classes without any box: ['x']" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "analysis.json").read_text())["anchors"]["current"]["coverage"]["boxes"] == 0
