@@ -15,9 +15,11 @@ against the brute-force maximum over :class:`~.anchors.AnchorGenerator`'s anchor
 Fitting (``train_det.py --anchor-sizes auto --aspect-ratios auto``): one size per pyramid level (FPN;
 C4's single level keeps its number of sizes) and one set of aspect ratios shared by the levels (the
 count of the current set), chosen to maximise ``cov(0.5) + cov(0.7) + 0.1 * mean best IoU`` on the boxes
-at the training size (at most 20,000 of them, a seeded sample). Search: the best doubling ladder of
-sizes on a 2^(1/8) grid, then coordinate ascent over each size (within 1/4x-4x, sizes kept increasing from
-fine to coarse levels, so each level keeps objects of its scale) and each ratio (1/8-8) until nothing improves. Deterministic: every DDP rank finds the same anchors.
+at the training size (at most 20,000 of them, a seeded sample). The sizes stay a doubling ladder, as the
+FPN's defaults are (each level keeps the objects of its scale; free sizes crowd every level, the coarse
+ones too, onto the few sizes the data holds, and trained worse on the small-object study): the best
+ladder ``s * 2^level`` with ``s`` on a 2^(1/8) grid, then each size refined within 2^(+-1/4) of its rung,
+and the ratios (1/8-8) by coordinate ascent, in rounds until nothing improves. Deterministic: every DDP rank finds the same anchors.
 """
 from __future__ import annotations
 
@@ -238,20 +240,22 @@ def fit_anchors(boxes: np.ndarray, image_hw: np.ndarray, config: AnchorConfig, *
     def score(sz, rt) -> float:
         return float(_objective(columns(sz, rt).reshape(len(boxes), -1).max(1)))
 
-    if fit_sizes:  # start: the best doubling ladder (the FPN default's shape), or the given sizes if better
-        ladders = [[c * 2.0 ** k for k in range(len(slots))] for c in SIZE_CANDIDATES]
-        ladders = [lad for lad in ladders if lad[-1] <= SIZE_CANDIDATES[-1] * 2]
-        scores = [score(lad, ratios) for lad in ladders]
-        if max(scores) > score(sizes, ratios):
-            sizes = ladders[int(np.argmax(scores))]
     cols = columns(sizes, ratios)
     current = float(_objective(cols.reshape(len(boxes), -1).max(1)))
-    for _ in range(max_rounds):
+    ladder: List[float] = list(sizes)
+    for round_ in range(max_rounds):
         changed = False
+        if fit_sizes:  # the best doubling ladder (for these ratios), then each size within 2^(+-1/4) of its rung
+            ladders = [[c * 2.0 ** k for k in range(len(slots))] for c in SIZE_CANDIDATES]
+            scores = [score(lad, ratios) for lad in ladders]
+            if round_ == 0 or max(scores) > current + 1e-9:
+                ladder = ladders[int(np.argmax(scores))]
+                changed = changed or sizes != ladder
+                sizes, current = list(ladder), float(max(scores))
+                cols = columns(sizes, ratios)
         for k in range(len(slots) if fit_sizes else 0):  # one size at a time, all its candidates at once
-            lo, hi = max(sizes[k] / 4, sizes[k - 1] + 0.5 if k else 0), min(sizes[k] * 4, sizes[k + 1] - 0.5
-                                                                             if k + 1 < len(slots) else math.inf)
-            cand = SIZE_CANDIDATES[(SIZE_CANDIDATES >= lo) & (SIZE_CANDIDATES <= hi)]
+            band = (SIZE_CANDIDATES >= ladder[k] * 2 ** -0.25) & (SIZE_CANDIDATES <= ladder[k] * 2 ** 0.25)
+            cand = SIZE_CANDIDATES[band]
             if not len(cand):
                 continue
             others = _best_without(cols, k, axis=1)
