@@ -8,11 +8,13 @@ from __future__ import annotations
 from contextlib import closing
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
@@ -161,16 +163,13 @@ def train_sampler(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection)
     labels = [train_set.get_annotation(i)[1] for i in range(len(train_set))]
     factors = repeat_factors(labels, cfg.repeat_thresh)
     sampler = RepeatFactorSampler(factors, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed)
-    seen = {}
-    for lab, r in zip(labels, factors):
-        for c in set(lab.tolist()):
-            seen[c] = seen.get(c, 0.0) + r
-    counts = {c: sum(1 for lab in labels if c in lab) for c in seen}
-    most = max(seen, key=lambda c: seen[c] / counts[c], default=None)
-    log.info("repeat-factor sampling (t=%g): %d images per epoch instead of %d (x%.2f), %d images repeated; "
-             "the most repeated class, '%s', is seen %.1fx as often", cfg.repeat_thresh, sampler.epoch_size,
-             len(train_set), sampler.epoch_size / max(len(train_set), 1), int((factors > 1).sum()),
-             train_set.class_names[most - 1] if most else "-", seen[most] / counts[most] if most else 1.0)
+    images_with = np.bincount(np.concatenate([np.unique(lab) for lab in labels] + [np.zeros(0, np.int64)]),
+                              minlength=train_set.num_classes + 1)[1:]
+    rare = int(np.argmin(np.where(images_with > 0, images_with, np.iinfo(np.int64).max)))
+    log.info("repeat-factor sampling (t=%g): %d images per epoch instead of %d (x%.2f), %d images repeated; the "
+             "rarest class, '%s' (in %d images), repeats x%.2f", cfg.repeat_thresh, sampler.epoch_size, len(train_set),
+             sampler.epoch_size / max(len(train_set), 1), int((factors > 1).sum()), train_set.class_names[rare],
+             images_with[rare], max(1.0, math.sqrt(cfg.repeat_thresh * len(train_set) / max(images_with[rare], 1))))
     return sampler
 
 

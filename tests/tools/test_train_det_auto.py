@@ -22,7 +22,7 @@ def test_auto_anchors_image_size_and_repeat_factor_sampler(tmp_path, caplog):
                          "--output", str(out)])
     assert rc == 0
     assert "--image-size auto:" in caplog.text and "boxes with an anchor at IoU >= 0.5:" in caplog.text
-    assert "repeat-factor sampling (t=0.9):" in caplog.text and "images per epoch instead of 8" in caplog.text
+    assert "repeat-factor sampling (t=0.9):" in caplog.text and "images per epoch instead of 8" in caplog.text and "the rarest class" in caplog.text
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     chosen = json.loads((out / "auto_choices.json").read_text())
     assert chosen["chosen"] == {k: cfg[k] for k in ("image_size", "anchor_sizes", "aspect_ratios")}
