@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-val", type=int, default=100, help="validation images (default 100)")
     p.add_argument("--image-size", type=int, default=160, help="training size, longer side (default 160)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                   help="which runs to train (default both: default auto)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from heads.detection.data_report import analyze_data
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     data_flags = ["--train-json", data["train_json"], "--train-images", data["train_images"],
                   "--val-json", data["val_json"], "--val-images", data["val_images"]]
     runs = {}
-    for arm, extra in ARMS.items():
+    for arm in args.arms:
+        extra = ARMS[arm]
         run_dir = out / arm
         cmd = ["tools/train_det.py", *common_flags(args), *data_flags, "--output", str(run_dir), *extra]
         log.info("%s: python %s", arm, " ".join(cmd))
