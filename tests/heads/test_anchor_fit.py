@@ -109,3 +109,10 @@ def test_auto_choices_for_training():
     assert any("--image-size auto" in n for n in out["notes"]) and any("->" in n for n in out["notes"])
     fixed = auto_choices(table, backbone="resnet18", arch="fpn", image_size=320, anchor_sizes=None, aspect_ratios=None)
     assert fixed == {"image_size": 320, "anchor_sizes": None, "aspect_ratios": None, "notes": []}
+
+
+def test_auto_anchors_for_c4_keep_one_level_of_several_sizes():
+    out = auto_choices(small_object_table(20), backbone="resnet18", arch="c4", image_size=160, anchor_sizes="auto",
+                       aspect_ratios=None)
+    assert len(out["anchor_sizes"]) == 1 and len(out["anchor_sizes"][0]) == 5 and out["aspect_ratios"] is None
+    assert out["anchor_sizes"][0] == sorted(out["anchor_sizes"][0])
