@@ -26,6 +26,12 @@ AR10, AR100, ARs, ARm, ARl, per-class AP), detections.json (COCO results, origin
 and predictions/*.png (val images: predictions coloured by class, ground truth dashed). With --diagnostics,
 at the end also pr_curves.png, confusion.png/.json, diagnostics.json and worst/*.png (docs/diagnostics.md).
 
+--image-size auto, --anchor-sizes auto and --aspect-ratios auto choose those values from the training boxes
+before training (heads/detection/anchor_fit.py: anchors that cover the most boxes at IoU 0.5 and 0.7 at the
+training size); the log says what was chosen and the anchor coverage before and after, config.yaml and the
+checkpoint keep the chosen values (auto_choices.json: the coverage). tools/analyze_data.py shows the same
+numbers without training. --sampler repeat_factor repeats images of rare classes (LVIS).
+
 Exit codes: 0 done, 1 unexpected error (under torchrun the message names the rank that failed first),
 2 bad arguments or input, 3 non-finite losses (the last good checkpoint is kept), 143 stopped by
 SIGTERM/SIGINT after writing a checkpoint (rerun with --resume auto to continue; under
@@ -39,6 +45,7 @@ import logging
 import sys
 from pathlib import Path
 
+from heads.detection.anchor_fit import add_anchor_args, anchor_kwargs, number_or_auto
 from res_backbone.engine.run_config import (
     add_finetune_args, add_model_args, add_optimisation_args, add_run_args, parse_args, run_tool, train_parser,
 )
@@ -58,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: from --bn-policy")
     g.add_argument("--fpn-channels", type=int, default=256, help="FPN width (default 256)")
     g.add_argument("--representation-size", type=int, default=1024, help="width of the 2-FC box head (default 1024)")
-    g.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
-                   help="one anchor size per pyramid level, e.g. 32 64 128 256 512 (default: 32 x 2^level)")
+    add_anchor_args(g)
     g.add_argument("--rpn-pre-nms-top-n-train", type=int, default=2000, help="proposals kept per level before NMS, training")
     g.add_argument("--rpn-post-nms-top-n-train", type=int, default=2000, help="proposals kept per image after NMS, training")
     g.add_argument("--rpn-pre-nms-top-n-test", type=int, default=1000, help="proposals kept per level before NMS, inference")
@@ -79,7 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-val", type=int, default=100, help="synthetic validation images (default 100)")
     d.add_argument("--synthetic-size", type=int, default=160, help="synthetic image side in pixels (default 160)")
     d.add_argument("--filter-empty", action="store_true", help="drop training images without annotations (kept as negatives by default)")
-    d.add_argument("--image-size", type=int, default=512, help="longer image side after resizing (default 512)")
+    d.add_argument("--image-size", type=number_or_auto, default=512,
+                   help="longer image side after resizing (default 512); 'auto': chosen from the training boxes' "
+                        "sizes (small objects are upscaled; logged)")
+    d.add_argument("--sampler", default="random", choices=("random", "repeat_factor"),
+                   help="training image order: random (a permutation per epoch) or repeat_factor (images of rare "
+                        "classes repeated, LVIS: r = max(1, sqrt(t / share of images with the class)); the epoch "
+                        "size is logged)")
+    d.add_argument("--repeat-thresh", type=float, default=0.001,
+                   help="t of --sampler repeat_factor: classes in fewer than this share of images repeat (default 0.001)")
     d.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank (default 2)")
     t = add_optimisation_args(
         p, epochs=12, batch_size=4, lr=0.02, optimizer="sgd", weight_decay=1e-4, schedule="step",
@@ -100,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-MODEL_FLAGS = ("fpn_channels", "representation_size", "anchor_sizes", "rpn_pre_nms_top_n_train",
+MODEL_FLAGS = ("fpn_channels", "representation_size", "rpn_pre_nms_top_n_train",
                "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
                "rpn_batch_size_per_image", "box_batch_size_per_image", "box_loss", "box_score_thresh",
                "box_detections_per_img")
@@ -128,8 +142,8 @@ def _train(args: argparse.Namespace, dist) -> int:
     fields = set(det_run.DetTrainConfig.__dataclass_fields__)
     cfg = det_run.DetTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     cfg.model_kwargs = {k: getattr(args, k) for k in MODEL_FLAGS}
-    if cfg.model_kwargs["anchor_sizes"] is not None:  # one size per level on the command line
-        cfg.model_kwargs["anchor_sizes"] = [[s] for s in cfg.model_kwargs["anchor_sizes"]]
+    # per level (one size each with fpn, all on the one level with c4); 'auto' is resolved from the training boxes
+    cfg.model_kwargs.update(anchor_kwargs(args.anchor_sizes, args.aspect_ratios, args.arch))
     metrics = run(cfg, dist, norm=args.norm, bn_policy=args.bn_policy, frozen_stages=args.frozen_stages,
                   resolved=cfgmod.resolved_config(args))
     out = Path(cfg.output)

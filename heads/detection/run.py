@@ -47,6 +47,7 @@ def run(cfg: det_run.DetTrainConfig, dist: DistInfo, *, norm: Optional[str] = No
     train_set, val_set = det_run.load_datasets(cfg, dist)
     checked = preflight({"train": train_set, "val": val_set}, mode=cfg.check_images, policy=cfg.on_bad_image,
               output=out, progress=cfg.progress and dist.is_main)  # every bad image at once, before training
+    chosen = det_run.resolve_auto(cfg, train_set, is_main=dist.is_main)  # --image-size/--anchor-* auto
     # The BN policy follows from the weights (and the batch size) unless bn_policy/norm say otherwise.
     policy, norm, norm_eval = transfer.resolve_bn_policy(bn_policy, norm, pretrained=bool(pretrained),
                                                          batch_size=cfg.batch_size)
@@ -61,7 +62,8 @@ def run(cfg: det_run.DetTrainConfig, dist: DistInfo, *, norm: Optional[str] = No
     if dist.is_main and resolved is not None:  # every option's final value, data paths resolved
         out.mkdir(parents=True, exist_ok=True)
         resolved = dict(resolved)
-        resolved.update({k: getattr(cfg, k) for k in ("train_json", "train_images", "val_json", "val_images")})
+        resolved.update({k: getattr(cfg, k) for k in ("train_json", "train_images", "val_json", "val_images")},
+                        **chosen)
         resolved.update(bn_policy=None if policy == "gn" else policy, norm=norm,
                         frozen_stages=model.backbone.frozen_stages)
         cfgmod.dump_yaml(resolved, out / "config.yaml")

@@ -8,11 +8,13 @@ from __future__ import annotations
 from contextlib import closing
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
@@ -22,7 +24,7 @@ from res_backbone.data import (
     make_synthetic_coco, synthetic_paths,
 )
 from res_backbone.data.preflight import GuardedDataset
-from res_backbone.data.samplers import EpochSeeded, ResumableBatchSampler
+from res_backbone.data.samplers import EpochSeeded, RepeatFactorSampler, ResumableBatchSampler, repeat_factors
 from res_backbone.evaluation.coco import coco_evaluate, gather_results, write_detections_json
 from res_backbone.transfer import BackboneFreeze
 from res_backbone.visualize import draw_detections
@@ -60,7 +62,9 @@ class DetTrainConfig(FineTuneConfig):
     synthetic_val: int = 100
     synthetic_size: int = 160
     filter_empty: bool = False
-    image_size: int = 512
+    image_size: int = 512  # or "auto" until resolve_auto
+    sampler: str = "random"  # or "repeat_factor" (LVIS; train_sampler)
+    repeat_thresh: float = 0.001
     epochs: int = 12
     max_iters: Optional[int] = None
     batch_size: int = 4
@@ -130,8 +134,7 @@ def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, 
     train_set.transforms = build_train_transforms(cfg.image_size, mean, std)
     if val_set is not None:
         val_set.transforms = build_eval_transforms(cfg.image_size, mean, std)
-    # One sampler type for 1 and N processes: a per-epoch permutation seeded by (seed, epoch).
-    base = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
+    base = train_sampler(cfg, dist, train_set)
     batches = ResumableBatchSampler(GroupedBatchSampler(base, train_set.aspect_ratios(), cfg.batch_size), base)
     common = dict(num_workers=cfg.workers, collate_fn=collate_detection, persistent_workers=cfg.workers > 0,
                   pin_memory=resolve_device(cfg.device).startswith("cuda"))
@@ -148,6 +151,62 @@ def prepare_data(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection, 
                                 generator=torch.Generator().manual_seed(cfg.seed), **common)
     return DetData(train_set, val_set, train_loader, val_loader, batches, cfg.val_json,
                    list(train_set.cat_ids), list(train_set.class_names))
+
+
+def train_sampler(cfg: DetTrainConfig, dist: DistInfo, train_set: CocoDetection):
+    """The training images' sampler, the same type for 1 and N processes, reproducible from (seed, epoch): a
+    permutation (``random``) or repeat-factor sampling (``repeat_factor``: images of rare classes repeated,
+    LVIS), whose epoch size is logged."""
+    if cfg.sampler == "random":
+        return DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
+    if cfg.sampler != "repeat_factor":
+        raise ValueError(f"sampler must be 'random' or 'repeat_factor', got {cfg.sampler!r}")
+    labels = [train_set.get_annotation(i)[1] for i in range(len(train_set))]
+    factors = repeat_factors(labels, cfg.repeat_thresh)
+    sampler = RepeatFactorSampler(factors, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed)
+    images_with = np.bincount(np.concatenate([np.unique(lab) for lab in labels] + [np.zeros(0, np.int64)]),
+                              minlength=train_set.num_classes + 1)[1:]
+    rare = int(np.argmin(np.where(images_with > 0, images_with, np.iinfo(np.int64).max)))
+    log.info("repeat-factor sampling (t=%g): %d images per epoch instead of %d (x%.2f), %d images repeated; the "
+             "rarest class, '%s' (in %d images), repeats x%.2f", cfg.repeat_thresh, sampler.epoch_size, len(train_set),
+             sampler.epoch_size / max(len(train_set), 1), int((factors > 1).sum()), train_set.class_names[rare],
+             images_with[rare], max(1.0, math.sqrt(cfg.repeat_thresh * len(train_set) / max(images_with[rare], 1))))
+    return sampler
+
+
+def resolve_auto(cfg: DetTrainConfig, train_set: CocoDetection, *, is_main: bool = True) -> Dict:
+    """Replace ``auto`` in ``cfg.image_size`` and ``cfg.model_kwargs``' ``anchor_sizes`` / ``aspect_ratios`` by the
+    values chosen from the training boxes (:func:`~.anchor_fit.auto_choices`; logged with the anchor coverage
+    before and after, and written to ``auto_choices.json`` in the output). Every rank finds the same values.
+
+    Returns:
+        The chosen values as flag values (``{"image_size": 384, "anchor_sizes": [11, 21, ...], ...}``), for
+        ``config.yaml``: a rerun from it rebuilds the same model.
+    """
+    kw = cfg.model_kwargs
+    auto = [k for k, v in (("image_size", cfg.image_size), ("anchor_sizes", kw.get("anchor_sizes")),
+                           ("aspect_ratios", kw.get("aspect_ratios"))) if v == "auto"]
+    if not auto:
+        return {}
+    from res_backbone.data.analysis import collect_boxes
+    from res_backbone.io import atomic_write_json
+
+    from .anchor_fit import auto_choices
+
+    got = auto_choices(collect_boxes(train_set), backbone=cfg.backbone, arch=cfg.arch, image_size=cfg.image_size,
+                       anchor_sizes=kw.get("anchor_sizes"), aspect_ratios=kw.get("aspect_ratios"), seed=cfg.seed)
+    for line in got["notes"]:
+        log.info(line)
+    cfg.image_size = int(got["image_size"])
+    for key in ("anchor_sizes", "aspect_ratios"):
+        if got[key] is not None:
+            kw[key] = got[key]
+    flags = {k: cfg.image_size if k == "image_size" else [v for level in kw[k] for v in level] for k in auto}
+    if is_main:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        atomic_write_json({"chosen": flags, **{k: v for k, v in got.items() if k.startswith(("coverage", "notes"))}},
+                          Path(cfg.output) / "auto_choices.json", indent=2)
+    return flags
 
 
 def checkpoint_payload(model, optimizer, scaler, it, epoch, cfg: DetTrainConfig, data: DetData, best_ap, metrics):

@@ -1,8 +1,10 @@
 """The data samplers, all reproducible from a seed and the epoch: aspect-ratio grouped batching (less
-padding per batch, DDP-safe), shuffled classification batches, and resumable ``(epoch, index)`` batches."""
+padding per batch, DDP-safe), shuffled classification batches, resumable ``(epoch, index)`` batches, and
+repeat-factor sampling for rare classes (LVIS)."""
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import defaultdict
 from typing import Dict, Iterator, List, Optional, Sequence, Union
@@ -12,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["EpochBatchSampler", "EpochSeeded", "GroupedBatchSampler", "ResumableBatchSampler", "build_grouped_batch_sampler",
-           "group_by_aspect_ratio"]
+__all__ = ["EpochBatchSampler", "EpochSeeded", "GroupedBatchSampler", "RepeatFactorSampler", "ResumableBatchSampler",
+           "build_grouped_batch_sampler", "group_by_aspect_ratio", "repeat_factors"]
 
 
 def group_by_aspect_ratio(aspect_ratios: Sequence[float], bins: Union[int, Sequence[float], None] = None) -> List[int]:
@@ -165,8 +167,9 @@ class EpochBatchSampler(Sampler):
 
 
 class ResumableBatchSampler(Sampler):
-    """Batches of ``(epoch, index)`` keys for :class:`EpochSeeded`, reproducible per epoch, with
-    ``skip(k)`` to drop the first ``k`` batches of the next pass (resuming mid-epoch)."""
+    """Batches of ``(epoch, index)`` keys for :class:`EpochSeeded` (``(epoch, index, k)`` for the ``k``-th repeat
+    of an index within the epoch), reproducible per epoch, with ``skip(k)`` to drop the first ``k`` batches of
+    the next pass (resuming mid-epoch)."""
 
     def __init__(self, batch_sampler, base_sampler):
         self.batch_sampler, self.base_sampler = batch_sampler, base_sampler
@@ -186,9 +189,16 @@ class ResumableBatchSampler(Sampler):
 
     def __iter__(self):
         skip, self._skip = self._skip, 0
+        seen: Dict[int, int] = defaultdict(int)  # counted over skipped batches too: a resumed pass keys alike
         for i, batch in enumerate(self.batch_sampler):
+            keys = []
+            for idx in batch:
+                # a sample drawn again in the same epoch (RepeatFactorSampler, DistributedSampler's padding)
+                # gets its own key, so its own augmentation
+                keys.append((self.epoch, idx) if not seen[idx] else (self.epoch, idx, seen[idx]))
+                seen[idx] += 1
             if i >= skip:
-                yield [(self.epoch, idx) for idx in batch]
+                yield keys
 
 
 class EpochSeeded(torch.utils.data.Dataset):
@@ -204,11 +214,83 @@ class EpochSeeded(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, index = key
-        s = (self.seed * 1_000_003 + epoch * 10_007 + index) % 2**31
+        epoch, index, *again = key  # (epoch, index, k): the k-th repeat of index in this epoch
+        s = (self.seed * 1_000_003 + epoch * 10_007 + index + (again[0] * 1_000_033 if again else 0)) % 2**31
         random.seed(s)
         np.random.seed(s)
         transforms = getattr(self.dataset, "transforms", None)
         if hasattr(transforms, "set_random_seed"):
             transforms.set_random_seed(s)
         return self.dataset[index]
+
+
+def repeat_factors(image_labels: Sequence[Sequence[int]], thresh: float) -> np.ndarray:
+    """Per-image repeat factors of repeat-factor sampling (LVIS, Gupta et al. 2019, section 4).
+
+    With ``f_c`` the share of images holding class ``c``: ``r_c = max(1, sqrt(thresh / f_c))`` and an image
+    repeats ``r_i = max(r_c for the classes c in it)`` times per epoch (1 for an image without boxes).
+
+    Args:
+        image_labels: the labels of each image's boxes (any hashable class ids; repeats allowed).
+        thresh: ``t``; classes in fewer than a ``t`` share of the images are oversampled.
+
+    Returns:
+        ``(num_images,)`` float64 factors >= 1.
+    """
+    if not thresh > 0:
+        raise ValueError(f"the repeat threshold must be > 0, got {thresh}")
+    sets = [set(np.asarray(lab).reshape(-1).tolist()) for lab in image_labels]
+    n = max(len(sets), 1)
+    counts: Dict = defaultdict(int)
+    for s in sets:
+        for c in s:
+            counts[c] += 1
+    r_class = {c: max(1.0, math.sqrt(thresh / (k / n))) for c, k in counts.items()}
+    return np.asarray([max((r_class[c] for c in s), default=1.0) for s in sets], np.float64)
+
+
+class RepeatFactorSampler(Sampler[int]):
+    """Dataset indices with image ``i`` repeated ``r_i`` times per epoch (:func:`repeat_factors`), shuffled and
+    sharded over DDP ranks: a drop-in for the ``DistributedSampler`` under a :class:`GroupedBatchSampler`.
+
+    Fractional factors are rounded stochastically each epoch (``floor(r) + 1`` with probability ``r - floor(r)``,
+    as detectron2's ``RepeatFactorTrainingSampler``), from a generator seeded by ``(seed, epoch)`` alone: every
+    rank draws the same list and takes its own shard, and a resumed run sees the same epochs. Unlike detectron2's
+    endless stream the epoch has a fixed length, ``round(sum r_i)`` (what the runner's iteration counting and
+    mid-epoch resume need): the shuffled draw is cut to it or continued cyclically, then padded cyclically to a
+    multiple of ``num_replicas``.
+
+    Args:
+        factors: ``r_i`` per dataset index.
+        num_replicas, rank: the DDP world size and this rank.
+        seed: with the epoch, fixes the draw.
+    """
+
+    def __init__(self, factors: Sequence[float], *, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.factors = np.asarray(factors, np.float64)
+        if self.factors.ndim != 1 or not len(self.factors) or (self.factors < 1).any():
+            raise ValueError("repeat factors must be a non-empty list of numbers >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.epoch_size = max(1, int(round(float(self.factors.sum()))))  # images per epoch over all ranks
+        self.num_samples = -(-self.epoch_size // num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def epoch_indices(self) -> List[int]:
+        """Every rank's indices of the current epoch, before sharding (``num_samples * num_replicas`` of them)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        base = np.floor(self.factors)
+        extra = torch.rand(len(self.factors), generator=g, dtype=torch.float64).numpy() < self.factors - base
+        reps = np.repeat(np.arange(len(self.factors)), (base + extra).astype(np.int64))
+        order = reps[torch.randperm(len(reps), generator=g).numpy()].tolist()
+        total = self.num_samples * self.num_replicas
+        return [order[i % len(order)] for i in range(total)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.rank::self.num_replicas])

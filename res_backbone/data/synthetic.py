@@ -206,11 +206,12 @@ def render_image(
 
 
 # ----------------------------------------------------------------------------------------- splits
-def _make_split(out_dir: Path, split: str, num: int, image_size: int, num_classes: int, seed: int) -> None:
+def _make_split(out_dir: Path, split: str, num: int, image_size: int, num_classes: int, seed: int,
+                **render_kw) -> None:
     def samples():
         for i in range(num):
             rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], i]))
-            arr, objects = render_image(rng, image_size, num_classes)
+            arr, objects = render_image(rng, image_size, num_classes, **render_kw)
             yield (arr, [(x, y, x + w, y + h) for _, (x, y, w, h) in objects],
                    [category_id(shape_idx) for shape_idx, _ in objects], {})
 
@@ -231,6 +232,8 @@ def make_synthetic_coco(
     num_classes: int = 5,
     seed: int = 0,
     reuse: bool = True,
+    object_size: Tuple[float, float] = (0.1, 0.5),
+    max_objects: int = 6,
 ) -> Dict[str, str]:
     """Write a train and a held-out val split of synthetic shapes in COCO format.
 
@@ -245,6 +248,9 @@ def make_synthetic_coco(
         seed: same seed and sizes -> byte-identical files.
         reuse: skip generation when ``out_dir`` already holds a complete set made with the same
             arguments (recorded in ``out_dir/synthetic_meta.json``).
+        object_size: ``(lo, hi)`` object sides as fractions of ``image_size`` (log-uniform); e.g.
+            ``(0.04, 0.15)`` for a small-object set (6-24 px at 160, what ``tools/studies/anchor_study.py`` uses).
+        max_objects: at most this many objects per image (1..max_objects, uniformly).
 
     Returns:
         ``{"train_json", "train_images", "val_json", "val_images"}`` as path strings.
@@ -255,15 +261,22 @@ def make_synthetic_coco(
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
+    lo, hi = (float(v) for v in object_size)
+    if not 0 < lo <= hi <= 1 or max_objects < 1:
+        raise ValueError(f"object_size must be 0 < lo <= hi <= 1 and max_objects >= 1, got {object_size}, {max_objects}")
     out = Path(out_dir)
     paths = synthetic_paths(out)
     meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size,
             "num_classes": num_classes, "seed": seed}
+    render_kw = {}
+    if (lo, hi) != (0.1, 0.5) or max_objects != 6:  # recorded only when set: older sets stay reusable
+        render_kw = dict(size_range=(lo, hi), max_objects=int(max_objects))
+        meta.update(object_size=[lo, hi], max_objects=int(max_objects))
     t0 = time.perf_counter()
 
     def write() -> None:
-        _make_split(out, "train", num_train, image_size, num_classes, seed)
-        _make_split(out, "val", num_val, image_size, num_classes, seed)
+        _make_split(out, "train", num_train, image_size, num_classes, seed, **render_kw)
+        _make_split(out, "val", num_val, image_size, num_classes, seed, **render_kw)
 
     if render_once(out / "synthetic_meta.json", meta, paths, write, reuse):
         log.info("synthetic shapes: %d train + %d val images in %s (%.1fs)", num_train, num_val, out,
