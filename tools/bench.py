@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 
-from studies.bench_commands import _csv, cmd_backbone, cmd_deploy, cmd_detector, cmd_report, cmd_summary
+from studies.bench_commands import (_csv, cmd_architectures, cmd_backbone, cmd_deploy, cmd_detector, cmd_report,
+                                   cmd_summary)
 from studies.timing import AMP_DTYPES
 
 
@@ -117,6 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --models: where the ONNX files are written (default .cache/bench_deploy)")
     e.add_argument("--output", metavar="FILE.json", help="write the rows and the environment here")
     e.set_defaults(func=cmd_deploy)
+
+    a = sub.add_parser("architectures", help="the ResNet paper's VGG-19 / plain-34 / ResNet-34 comparison",
+                       description="Parameters, multiply-adds (conv + FC, one 224x224 image), depth and measured "
+                                   "throughput of VGG-19, the 34-layer plain net and ResNet-34, the bottleneck's saving "
+                                   "(paper Fig. 5), and with --train-minutes a training comparison of the three on "
+                                   "Fashion-MNIST at equal training time (docs/architectures.md).")
+    a.add_argument("--image-size", type=int, default=224, help="input side of the table (default 224, the paper's)")
+    a.add_argument("--vgg-bn", action="store_true", help="VGG-19 with BatchNorm (torchvision's vgg19_bn) in the table")
+    a.add_argument("--batch-size", type=int, default=8, help="batch of the timed forward and training step (default 8)")
+    a.add_argument("--repeats", type=int, default=3, help="timed calls per network and mode; median (default 3)")
+    a.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    a.add_argument("--no-channels-last", action="store_true", help="time in NCHW instead of channels-last")
+    a.add_argument("--no-time", action="store_true", help="counts only: leave out the throughput columns")
+    a.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0 = torch's default)")
+    a.add_argument("--train-minutes", type=float, default=0.0,
+                   help="train each network this many minutes on Fashion-MNIST, interleaved (default 0: no training)")
+    a.add_argument("--train-size", type=int, default=32, help="training image side (default 32: VGG's five poolings "
+                                                               "leave 1x1)")
+    a.add_argument("--train-limit", type=int, help="use only the first N training images (default all 60,000)")
+    a.add_argument("--test-limit", type=int, default=2000, help="test images per evaluation (default 2000)")
+    a.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the training comparison (default 0.05)")
+    a.add_argument("--evals", type=int, default=8, help="points per training curve (default 8)")
+    a.add_argument("--fmnist-root", help="Fashion-MNIST folder (default: $FASHION_MNIST_ROOT or the Debian package's)")
+    a.add_argument("--plot", metavar="FILE.png", help="training and test error curves (with --train-minutes)")
+    a.add_argument("--markdown", metavar="FILE.md", help="write the tables as markdown here")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a.add_argument("--output", metavar="FILE.json", help="write one record per network, the blocks and the curves here")
+    a.set_defaults(func=cmd_architectures)
 
     r = sub.add_parser("report", help="print the markdown tables of a 'backbone --output' JSON file")
     r.add_argument("json", metavar="FILE.json", help="a JSON file written by 'bench.py backbone --output'")

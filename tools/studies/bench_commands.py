@@ -109,3 +109,36 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     print(table)
     if args.output:
         write_json(args.output, result)
+
+
+def cmd_architectures(args: argparse.Namespace) -> None:
+    from studies import bench_architectures as ba
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tqdm(total=0 if args.no_time else 6 * (args.repeats + args.warmup), desc="architectures", unit="call",
+              disable=args.no_progress) as bar:
+        table = ba.architecture_table(args.image_size, vgg_bn=args.vgg_bn, batch_size=args.batch_size,
+                                      repeats=args.repeats, warmup=args.warmup,
+                                      channels_last=not args.no_channels_last, timed=not args.no_time,
+                                      on_step=lambda _: bar.update())
+    comparison = None
+    if args.train_minutes > 0:
+        from res_backbone.data.fashion_mnist import load_fashion_mnist
+
+        train = load_fashion_mnist("train", args.fmnist_root, limit=args.train_limit)
+        test = load_fashion_mnist("test", args.fmnist_root, limit=args.test_limit)
+        with tqdm(total=3 * args.evals, desc="train", unit="point", disable=args.no_progress) as bar:
+            comparison = ba.train_comparison(
+                train, test, args.train_minutes, image_size=args.train_size, lr=args.lr, evals=args.evals,
+                on_eval=lambda name, p: (bar.set_postfix_str(f"{name} test err {100 * p['test_error']:.1f}%"),
+                                         bar.update()))
+        if args.plot:
+            ba.plot_comparison(comparison, args.plot)
+    text = ba.markdown(table, comparison)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.output:
+        write_json(args.output, {"command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]), **table,
+                                 "training": comparison})
