@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """COCO evaluation speed: pycocotools against faster-coco-eval on the same generated set, in one run.
 
-    PYTHONPATH=. python tools/studies/bench_coco_eval.py --images 5000 --output docs/bench_coco_eval.json
+    python tools/studies/bench_coco_eval.py --images 5000 --output docs/bench_coco_eval.json
 
 The ground truth and detections come from :func:`synthetic_eval_set` (seeded): non-contiguous
 category ids, crowd boxes, images without ground truth, images without detections, ~16 detections
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     out = bench(args.images, args.dets_per_image, args.seed)
-    out["command"] = "PYTHONPATH=. python tools/studies/bench_coco_eval.py " + " ".join(
+    out["command"] = "python tools/studies/bench_coco_eval.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     s = out["seconds"]
     print(f"{out['images']} images, {out['detections']} detections: pycocotools {s['pycocotools']:.2f} s, "
