@@ -427,7 +427,9 @@ def apply_curve_smoke(args) -> None:
     args.probe_train, args.probe_size = 6, 32
     args.loc_val, args.loc_canvas = 8, 32
     args.curve_iters, args.curve_seeds, args.curve_det_batch, args.curve_loc_batch = 2, 2, 2, 4
-    args.curve_n = {"det": [4, 8], "loc": [8, 16]}
+    args.curve_n = {"det": [8], "loc": [8, 16]}
+    args.curve_arms = [a for a in ("scratch", "fmnist_finetune_all", "rendered_frozen_bn")
+                       if a == "scratch" or a.split("_")[0] in args.sources]
     args.det_lrs, args.loc_lrs, args.sweep_n = [0.01], [0.001, 0.002], 8
 
 
