@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--det-minutes", type=opt_float, default=None, help="training minutes per detection arm (overrides)")
     b.add_argument("--loc-minutes", type=opt_float, default=None, help="training minutes per localization arm (overrides)")
     b.add_argument("--num-evals", type=int, default=6, help="evaluations per arm, evenly spaced in time (default 6)")
-    b.add_argument("--pretrain-iters", type=int, default=1500,
-                   help="step 1: classifier iterations, batch 64 (default 1500, ~3.7 min here)")
+    b.add_argument("--pretrain-iters", type=int, default=None,
+                   help="step 1: classifier iterations, batch 64 (default 1500, ~3.7 min here with bf16; 400 with "
+                        "--curve, fp32)")
     b.add_argument("--pretrain-invert", type=float, default=0.5,
                    help="step 1: probability of inverting a training image (default 0.5: the canvases hold items of "
                         "both polarities, see --det-dark-prob; 0 trains on Fashion-MNIST's bright-on-dark only)")
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--render-canvases", type=int, default=3000,
                    help="canvases of train items rendered for the rendered source (~2.5 crops each; default 3000)")
     c.add_argument("--render-window", type=int, default=64, help="crop side around each rendered item, px (default 64)")
-    c.add_argument("--render-iters", type=int, default=500, help="rendered-source iterations (default 500)")
+    c.add_argument("--render-iters", type=int, default=400, help="rendered-source iterations (default 400)")
     c.add_argument("--render-batch", type=int, default=32, help="rendered-source batch (default 32)")
     c.add_argument("--probe-train", type=int, default=400,
                    help="target train canvases whose true-box crops fit the probes (default 400)")
@@ -123,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--curve-arms", default=None,
                    help="comma-separated arms: scratch, {fmnist,rendered}_{finetune_all,frozen_bn}; default scratch, "
                         "fmnist_finetune_all, rendered_finetune_all, rendered_frozen_bn")
-    c.add_argument("--curve-det-n", default="50,100,200,500,2000", help="detection training sizes N (canvases)")
-    c.add_argument("--curve-loc-n", default="50,100,200,500,2000", help="localization training sizes N (images)")
+    c.add_argument("--curve-det-n", default="50,200,2000", help="detection training sizes N (canvases; default 50,200,2000)")
+    c.add_argument("--curve-loc-n", default="50,200,2000", help="localization training sizes N (images; default 50,200,2000)")
     c.add_argument("--curve-seeds", type=int, default=2, help="seeds per arm and N (default 2)")
-    c.add_argument("--curve-iters", type=int, default=60, help="iterations of every run, any arm or N (default 60)")
+    c.add_argument("--curve-iters", type=int, default=100, help="iterations of every run, any arm or N (default 100)")
     c.add_argument("--curve-det-batch", type=int, default=4, help="detection images per iteration (default 4)")
     c.add_argument("--curve-loc-batch", type=int, default=16, help="localization images per iteration (default 16)")
-    c.add_argument("--det-lrs", default="0.02", help="detection SGD learning rates swept per arm at --sweep-n "
-                                                     "(one value: no sweep; default 0.02)")
+    c.add_argument("--det-lrs", default="0.01,0.02", help="detection SGD learning rates swept per arm at --sweep-n "
+                                                          "(one value: no sweep; default 0.01,0.02)")
     c.add_argument("--loc-lrs", default="0.002", help="localization AdamW learning rates swept likewise (default 0.002)")
     c.add_argument("--sweep-n", type=int, default=200, help="the N at which learning rates are swept (default 200)")
     return p
@@ -158,6 +159,7 @@ def curve_main(args, parser) -> int:
     from studies.transfer_curve import SOURCES, apply_curve_smoke, curve_arms, curve_markdown, run_curve_study
 
     args.amp = args.amp or "none"
+    args.pretrain_iters = args.pretrain_iters or 400
     args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     if not args.sources or set(args.sources) - set(SOURCES):
         parser.error(f"--sources takes a subset of {', '.join(SOURCES)}, got {args.sources}")
@@ -205,6 +207,7 @@ def main(argv=None) -> int:
     if args.curve or args.probe_only or args.smoke:
         return curve_main(args, parser)
     args.amp = args.amp or "bf16"
+    args.pretrain_iters = args.pretrain_iters or 1500
     if not 0.0 < args.det_share < 1.0:
         parser.error(f"--det-share must be in (0, 1), got {args.det_share}")
     if args.quick:
