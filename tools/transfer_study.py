@@ -115,12 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rendered-checkpoint", default=None, help="reuse this rendered-source checkpoint (skip its training)")
     c.add_argument("--render-canvases", type=int, default=3000,
                    help="canvases of train items rendered for the rendered source (~2.5 crops each; default 3000)")
-    c.add_argument("--render-window", type=int, default=64, help="crop side around each rendered item, px (default 64)")
     c.add_argument("--render-iters", type=int, default=400, help="rendered-source iterations (default 400)")
     c.add_argument("--render-batch", type=int, default=32, help="rendered-source batch (default 32)")
     c.add_argument("--probe-train", type=int, default=400,
                    help="target train canvases whose true-box crops fit the probes (default 400)")
-    c.add_argument("--probe-size", type=int, default=48, help="true-box crops resized to this side, px (default 48)")
+    c.add_argument("--probe-size", type=int, default=48, help="true-box crops resized to this side, px, for the probe and the rendered source (default 48)")
     c.add_argument("--curve-arms", default=None,
                    help="comma-separated arms: scratch, {fmnist,rendered}_{finetune_all,frozen_bn}; default scratch, "
                         "fmnist_finetune_all, rendered_finetune_all, rendered_frozen_bn")

@@ -87,14 +87,14 @@ def test_probe_only_reuses_checkpoints(smoke, capsys):
 def test_render_pretrain_crops_deterministic_and_labelled():
     rng = np.random.default_rng(0)
     items = (rng.integers(0, 255, size=(20, 28, 28)).astype(np.uint8), np.arange(20) % 10)
-    a = render_pretrain_crops(items, num_canvases=5, canvas=64, window=32, scale=(16.0, 24.0), seed=1)
-    b = render_pretrain_crops(items, num_canvases=5, canvas=64, window=32, scale=(16.0, 24.0), seed=1)
-    c = render_pretrain_crops(items, num_canvases=5, canvas=64, window=32, scale=(16.0, 24.0), seed=1, split=1)
+    a = render_pretrain_crops(items, num_canvases=5, canvas=64, size=32, scale=(16.0, 24.0), seed=1)
+    b = render_pretrain_crops(items, num_canvases=5, canvas=64, size=32, scale=(16.0, 24.0), seed=1)
+    c = render_pretrain_crops(items, num_canvases=5, canvas=64, size=32, scale=(16.0, 24.0), seed=1, split=1)
     assert a[0].shape[1:] == (3, 32, 32) and a[0].dtype == torch.uint8 and len(a[0]) == len(a[1]) >= 5
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0][:5], c[0][:5])
     assert a[1].min() >= 0 and a[1].max() <= 9
-    with pytest.raises(ValueError, match="window"):
-        render_pretrain_crops(items, num_canvases=1, canvas=64, window=80)
+    with pytest.raises(ValueError, match="size"):
+        render_pretrain_crops(items, num_canvases=1, canvas=64, size=4)
 
 
 def test_box_crops_cut_the_box():

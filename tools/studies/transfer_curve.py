@@ -76,7 +76,7 @@ def pretrain_rendered(args, work: Path) -> dict:
 
     t0 = time.perf_counter()
     items = tuple(t.numpy() for t in load_fashion_mnist("train", args.fmnist_root))
-    render = dict(canvas=args.det_canvas, window=args.render_window, scale=tuple(args.det_scale),
+    render = dict(canvas=args.det_canvas, size=args.probe_size, scale=tuple(args.det_scale),
                   dark_prob=args.det_dark_prob, seed=args.seed)
     train_x, train_y = render_pretrain_crops(items, num_canvases=args.render_canvases, split=0, **render)
     val_x, val_y = render_pretrain_crops(items, num_canvases=max(1, args.render_canvases // 10), split=1, **render)
@@ -89,10 +89,10 @@ def pretrain_rendered(args, work: Path) -> dict:
         TensorClassification(train_x, train_y, build_cls_transforms(train=True, mean=mean, std=std, augment="flip"),
                              3, names),
         TensorClassification(val_x, val_y, build_cls_transforms(train=False, mean=mean, std=std), 3, names),
-        names, 3, mean, std, (3, args.render_window, args.render_window), 1.0, "rendered_fmnist")
+        names, 3, mean, std, (3, args.probe_size, args.probe_size), 1.0, "rendered_fmnist")
     cfg = cls_run.ClsTrainConfig(
         output=str(work / "pretrain_rendered"), backbone="resnet18", max_iters=args.render_iters,
-        batch_size=args.render_batch, lr=0.05, schedule="cosine", warmup_iters=min(30, args.render_iters),
+        batch_size=args.render_batch, lr=0.025 * args.render_batch / 32, schedule="cosine", warmup_iters=min(30, args.render_iters),
         augment="flip", amp=args.amp, channels_last=True, seed=args.seed, progress=False, checkpoint_every=10**6,
         workers=0).resolved(data)
     seed_everything(cfg.seed)
@@ -101,7 +101,7 @@ def pretrain_rendered(args, work: Path) -> dict:
     return {"checkpoint": str(work / "pretrain_rendered" / "checkpoint_best.pt"), "arch": "resnet18",
             "iters": m.get("iter"), "top1_err": m.get("top1_err"), "train_time_s": m.get("train_time_s"),
             "crops": len(train_y), "val_crops": len(val_y), "canvases": args.render_canvases,
-            "window": args.render_window, "render_s": round(render_s, 1), "reused": False}
+            "size": args.probe_size, "render_s": round(render_s, 1), "reused": False}
 
 
 # ---------------------------------------------------------------------- probe
@@ -423,7 +423,7 @@ def plot_curve(result: Mapping, path) -> str:
 def apply_curve_smoke(args) -> None:
     """--smoke: sizes that run pre-training, probe and curve in seconds (numbers mean nothing)."""
     args.pretrain_iters, args.render_iters, args.render_canvases, args.render_batch = 3, 3, 12, 8
-    args.det_val, args.det_canvas, args.det_scale, args.render_window = 6, 64, [20.0, 30.0], 32
+    args.det_val, args.det_canvas, args.det_scale = 6, 64, [20.0, 30.0]
     args.probe_train, args.probe_size = 6, 32
     args.loc_val, args.loc_canvas = 8, 32
     args.curve_iters, args.curve_seeds, args.curve_det_batch, args.curve_loc_batch = 2, 2, 2, 4
