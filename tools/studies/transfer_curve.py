@@ -423,10 +423,10 @@ def plot_curve(result: Mapping, path) -> str:
 def apply_curve_smoke(args) -> None:
     """--smoke: sizes that run pre-training, probe and curve in seconds (numbers mean nothing)."""
     args.pretrain_iters, args.render_iters, args.render_canvases, args.render_batch = 3, 3, 12, 8
-    args.det_val, args.det_canvas, args.det_scale = 6, 64, [20.0, 30.0]
-    args.probe_train, args.probe_size = 6, 32
-    args.loc_val, args.loc_canvas = 8, 32
-    args.curve_iters, args.curve_seeds, args.curve_det_batch, args.curve_loc_batch = 2, 2, 2, 4
+    args.det_val, args.det_canvas, args.det_scale = 4, 48, [16.0, 24.0]
+    args.probe_train, args.probe_size = 4, 32
+    args.loc_val, args.loc_canvas = 4, 24
+    args.curve_iters, args.curve_seeds, args.curve_det_batch, args.curve_loc_batch = 1, 2, 2, 4
     args.curve_n = {"det": [8], "loc": [8, 16]}
     args.curve_arms = [a for a in ("scratch", "fmnist_finetune_all", "rendered_frozen_bn")
                        if a == "scratch" or a.split("_")[0] in args.sources]
