@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--curve-loc-n", default="50,200,2000", help="localization training sizes N (images; default 50,200,2000)")
     c.add_argument("--curve-seeds", type=int, default=2, help="seeds per arm and N (default 2)")
     c.add_argument("--curve-iters", type=int, default=100, help="iterations of every run, any arm or N (default 100)")
+    c.add_argument("--curve-det-iters", type=int, default=None, help="detection iterations per run (default --curve-iters)")
+    c.add_argument("--curve-loc-iters", type=int, default=None,
+                   help="localization iterations per run (default --curve-iters)")
     c.add_argument("--curve-det-batch", type=int, default=4, help="detection images per iteration (default 4)")
     c.add_argument("--curve-loc-batch", type=int, default=16, help="localization images per iteration (default 16)")
     c.add_argument("--det-lrs", default="0.01,0.02", help="detection SGD learning rates swept per arm at --sweep-n "

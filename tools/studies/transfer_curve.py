@@ -204,7 +204,7 @@ def _det_run(args, paths: dict, arm: CurveArm, ckpt: Optional[str], lr: float, s
         m = det_run.evaluate(model, data, cfg, torch.device("cpu"), None, is_main=True, write=False, progress=False)
         return {"AP": m["AP"], "AP50": m["AP50"]}
 
-    return _train(args, model, data, optimizer, lr, evaluate)
+    return _train(args, model, data, optimizer, lr, evaluate, _iters(args, "det"))
 
 
 def _loc_run(args, n: int, arm: CurveArm, ckpt: Optional[str], lr: float, seed: int) -> dict:
@@ -238,17 +238,22 @@ def _loc_run(args, n: int, arm: CurveArm, ckpt: Optional[str], lr: float, seed: 
                          channels_last=True, progress=False)
         return {k: m[k] for k in METRICS["loc"]}
 
-    return _train(args, LossAdapter(model, loss_fn), data, optimizer, lr, evaluate)
+    return _train(args, LossAdapter(model, loss_fn), data, optimizer, lr, evaluate, _iters(args, "loc"))
 
 
-def _train(args, runner, data, optimizer, lr: float, evaluate) -> dict:
-    """A fixed number of iterations (``--curve-iters``), one evaluation at the end."""
+def _iters(args, task: str) -> int:
+    """The task's iterations per run: ``--curve-det-iters`` / ``--curve-loc-iters``, else ``--curve-iters``."""
+    return getattr(args, f"curve_{task}_iters", None) or args.curve_iters
+
+
+def _train(args, runner, data, optimizer, lr: float, evaluate, iters: int) -> dict:
+    """``iters`` iterations (the same for every arm and N), one evaluation at the end."""
     from res_backbone.engine.budget import train_for_budget
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     res = train_for_budget(runner, data.train_loader, data.train_sampler, optimizer, device=torch.device("cpu"),
-                           budget_s=1e9, lr=lr, evaluate=evaluate, num_evals=1, max_iters=args.curve_iters,
-                           warmup_iters=min(20, args.curve_iters // 5), amp=args.amp, channels_last=True, clock=clock)
+                           budget_s=1e9, lr=lr, evaluate=evaluate, num_evals=1, max_iters=iters,
+                           warmup_iters=min(20, iters // 5), amp=args.amp, channels_last=True, clock=clock)
     return {"iters": res["iters"], "train_time_s": res["train_time_s"], "eval_time_s": res["eval_time_s"],
             **res["curve"][-1]}
 
@@ -366,7 +371,8 @@ def curve_markdown(result: Mapping) -> str:
         summ = summarise(cur["records"], task)
         ns = sorted({r["N"] for r in cur["records"]})
         digits = 3 if task == "det" else 1
-        lines += [f"## {title}, mean over seeds (min-max), {result['options'].get('curve_iters')} iterations per run",
+        its = sorted({r["iters"] for r in cur["records"]})
+        lines += [f"## {title}, mean over seeds (min-max), {'/'.join(map(str, its))} iterations per run",
                   "", "| arm | lr | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|---:|" + "---:|" * len(ns)]
         for arm, by_n in summ.items():
             cells = [f"{_f(by_n[n]['mean'], digits)} ({_f(by_n[n]['min'], digits)}-{_f(by_n[n]['max'], digits)})"
@@ -412,7 +418,9 @@ def plot_curve(result: Mapping, path) -> str:
         ax.set_title("Detection" if task == "det" else "Localization")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(f"Data efficiency: {result['options'].get('curve_iters')} iterations per run, equal for every arm")
+    its = {t: sorted({r["iters"] for r in result["curve"][t]["records"]}) for t in tasks}
+    fig.suptitle("Data efficiency, equal iterations for every arm and N: "
+                 + ", ".join(f"{t} {'/'.join(map(str, v))}" for t, v in its.items()))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -427,6 +435,7 @@ def apply_curve_smoke(args) -> None:
     args.probe_train, args.probe_size = 4, 32
     args.loc_val, args.loc_canvas = 4, 24
     args.curve_iters, args.curve_seeds, args.curve_det_batch, args.curve_loc_batch = 1, 2, 2, 4
+    args.curve_det_iters = args.curve_loc_iters = None
     args.curve_n = {"det": [8], "loc": [8, 16]}
     args.curve_arms = [a for a in ("scratch", "fmnist_finetune_all", "rendered_frozen_bn")
                        if a == "scratch" or a.split("_")[0] in args.sources]
