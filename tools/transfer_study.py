@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--det-minutes", type=opt_float, default=None, help="training minutes per detection arm (overrides)")
     b.add_argument("--loc-minutes", type=opt_float, default=None, help="training minutes per localization arm (overrides)")
     b.add_argument("--num-evals", type=int, default=6, help="evaluations per arm, evenly spaced in time (default 6)")
-    b.add_argument("--pretrain-iters", type=int, default=1500,
-                   help="step 1: classifier iterations, batch 64 (default 1500, ~3.7 min here)")
+    b.add_argument("--pretrain-iters", type=int, default=None,
+                   help="step 1: classifier iterations, batch 64 (default 1500, ~3.7 min here with bf16; 400 with "
+                        "--curve, fp32)")
     b.add_argument("--pretrain-invert", type=float, default=0.5,
                    help="step 1: probability of inverting a training image (default 0.5: the canvases hold items of "
                         "both polarities, see --det-dark-prob; 0 trains on Fashion-MNIST's bright-on-dark only)")
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--loc-batch", type=int, default=64, help="images per iteration (default 64)")
     lo.add_argument("--loc-lr", type=float, default=0.002, help="AdamW learning rate (default 0.002)")
     r = p.add_argument_group("run")
-    r.add_argument("--amp", default="bf16", choices=("none", "bf16"), help="mixed precision (default bf16, ~1.7x here)")
+    r.add_argument("--amp", default=None, choices=("none", "bf16"),
+                   help="mixed precision (default bf16 for the equal-time study; none for --curve/--probe-only: "
+                        "bf16 is ~8x slower than fp32 on CPUs without bf16 instructions)")
     r.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared 2-core CPU)")
     r.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default 0)")
     r.add_argument("--clock", default="wall", choices=("wall", "cpu"),
@@ -98,7 +101,98 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with --threads 1 about an idle machine's wall-clock; for measuring on a shared machine)")
     r.add_argument("--quick", action="store_true",
                    help="tiny sizes and seconds-long budgets (a smoke test; numbers mean nothing)")
+    c = p.add_argument_group("data-efficiency curve (--curve; issue 18)")
+    c.add_argument("--curve", action="store_true",
+                   help="run the data-efficiency study instead: pre-training sources, probe, curves -> "
+                        "transfer_curve.json/.md/.png in --output")
+    c.add_argument("--probe-only", action="store_true",
+                   help="pre-train the sources (or reuse via --cls-checkpoint / --rendered-checkpoint) and print the "
+                        "linear-probe and k-NN accuracies only (about a minute with both checkpoints given)")
+    c.add_argument("--smoke", action="store_true", help="--curve at tiny sizes, seconds (the test suite's)")
+    c.add_argument("--sources", default="fmnist,rendered",
+                   help="pre-training sources: fmnist (plain grey Fashion-MNIST), rendered (train items rendered "
+                        "like the canvases); default both")
+    c.add_argument("--rendered-checkpoint", default=None, help="reuse this rendered-source checkpoint (skip its training)")
+    c.add_argument("--render-canvases", type=int, default=3000,
+                   help="canvases of train items rendered for the rendered source (~2.5 crops each; default 3000)")
+    c.add_argument("--render-iters", type=int, default=400, help="rendered-source iterations (default 400)")
+    c.add_argument("--render-batch", type=int, default=32, help="rendered-source batch (default 32)")
+    c.add_argument("--probe-train", type=int, default=400,
+                   help="target train canvases whose true-box crops fit the probes (default 400)")
+    c.add_argument("--probe-size", type=int, default=48, help="true-box crops resized to this side, px, for the probe and the rendered source (default 48)")
+    c.add_argument("--curve-arms", default=None,
+                   help="comma-separated arms: scratch, {fmnist,rendered}_{finetune_all,frozen_bn}; default scratch, "
+                        "fmnist_finetune_all, rendered_finetune_all, rendered_frozen_bn")
+    c.add_argument("--curve-det-n", default="50,200,2000", help="detection training sizes N (canvases; default 50,200,2000)")
+    c.add_argument("--curve-loc-n", default="50,200,2000", help="localization training sizes N (images; default 50,200,2000)")
+    c.add_argument("--curve-seeds", type=int, default=2, help="seeds per arm and N (default 2)")
+    c.add_argument("--curve-iters", type=int, default=100, help="iterations of every run, any arm or N (default 100)")
+    c.add_argument("--curve-det-iters", type=int, default=None, help="detection iterations per run (default --curve-iters)")
+    c.add_argument("--curve-loc-iters", type=int, default=None,
+                   help="localization iterations per run (default --curve-iters)")
+    c.add_argument("--curve-det-batch", type=int, default=4, help="detection images per iteration (default 4)")
+    c.add_argument("--curve-loc-batch", type=int, default=16, help="localization images per iteration (default 16)")
+    c.add_argument("--det-lrs", default="0.01,0.02", help="detection SGD learning rates swept per arm at --sweep-n "
+                                                          "(one value: no sweep; default 0.01,0.02)")
+    c.add_argument("--loc-lrs", default="0.002", help="localization AdamW learning rates swept likewise (default 0.002)")
+    c.add_argument("--sweep-n", type=int, default=200, help="the N at which learning rates are swept (default 200)")
     return p
+
+
+def _ints(text: str, flag: str, parser) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, got {text!r}")
+
+
+def _floats(text: str, flag: str, parser) -> list:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated numbers, got {text!r}")
+
+
+def curve_main(args, parser) -> int:
+    """--curve / --probe-only / --smoke: the data-efficiency study (``studies.transfer_curve``)."""
+    import torch
+
+    from res_backbone.data.fashion_mnist import FashionMNISTNotFoundError
+    from studies.transfer_curve import SOURCES, apply_curve_smoke, curve_arms, curve_markdown, run_curve_study
+
+    args.amp = args.amp or "none"
+    args.pretrain_iters = args.pretrain_iters or 400
+    args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    if not args.sources or set(args.sources) - set(SOURCES):
+        parser.error(f"--sources takes a subset of {', '.join(SOURCES)}, got {args.sources}")
+    default_arms = ["scratch"] + [f"{s}_finetune_all" for s in args.sources] + (
+        ["rendered_frozen_bn"] if "rendered" in args.sources else ["fmnist_frozen_bn"])
+    args.curve_arms = [a.strip() for a in args.curve_arms.split(",")] if args.curve_arms else default_arms
+    try:
+        curve_arms(args.curve_arms)
+    except ValueError as e:
+        parser.error(f"--curve-arms: {e}")
+    args.curve_n = {"det": _ints(args.curve_det_n, "--curve-det-n", parser),
+                    "loc": _ints(args.curve_loc_n, "--curve-loc-n", parser)}
+    args.det_lrs, args.loc_lrs = _floats(args.det_lrs, "--det-lrs", parser), _floats(args.loc_lrs, "--loc-lrs", parser)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.smoke:
+        args.quick = True
+        apply_curve_smoke(args)
+    if args.curve_seeds < 1 or args.curve_iters < 1 or not all(args.curve_n.values()) or not args.det_lrs \
+            or not args.loc_lrs:
+        parser.error("need --curve-seeds >= 1, --curve-iters >= 1, at least one N and one learning rate per task")
+    torch.set_num_threads(args.threads)
+    try:
+        result = run_curve_study(args)
+    except (FileNotFoundError, FashionMNISTNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    print(curve_markdown(result))
+    out = Path(args.output)
+    print(f"-> {out / 'transfer_curve.json'}, {out / 'transfer_curve.md'}"
+          + ("" if args.probe_only else f", {out / 'transfer_curve.png'}"))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -112,6 +206,10 @@ def main(argv=None) -> int:
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     if args.arms is not None and (not args.arms or set(args.arms) - set(names)):
         parser.error(f"--arms takes a subset of {', '.join(names)}")
+    if args.curve or args.probe_only or args.smoke:
+        return curve_main(args, parser)
+    args.amp = args.amp or "bf16"
+    args.pretrain_iters = args.pretrain_iters or 1500
     if not 0.0 < args.det_share < 1.0:
         parser.error(f"--det-share must be in (0, 1), got {args.det_share}")
     if args.quick:
