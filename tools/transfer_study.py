@@ -4,6 +4,13 @@
     python tools/transfer_study.py --output docs/transfer --budget-minutes 45     # the study, ~45 min, 2-core CPU
     python tools/transfer_study.py --cls-checkpoint runs/fmnist_cls_r18/checkpoint_best.pt ...   # reuse step 1
     python tools/transfer_study.py --quick --fmnist-root /tmp/fake --output /tmp/ts    # smoke test, seconds
+    python tools/transfer_study.py --curve --output docs/transfer --clock cpu     # data-efficiency curve (issue 18)
+    python tools/transfer_study.py --probe-only --output /tmp/probe               # pre-training sources + probe only
+
+--curve (``studies.transfer_curve``) instead pre-trains two sources (plain Fashion-MNIST; its train items
+rendered like the detection canvases, ``res_backbone.data.pretrain_fmnist``), probes their frozen features
+(linear and k-NN on true-box crops of the val canvases) and trains scratch / fine-tune-all / frozen-BN arms
+on N target images with equal iterations: transfer_curve.json/.md/.png. --smoke runs it at tiny sizes.
 
 1. Pre-training: a resnet18 classifier on the Fashion-MNIST *train* split (``cls_run``, grey input,
    --pretrain-iters iterations, images inverted with probability --pretrain-invert), or the given
