@@ -17,7 +17,7 @@ C4's single level keeps its number of sizes) and one set of aspect ratios shared
 count of the current set), chosen to maximise ``cov(0.5) + cov(0.7) + 0.1 * mean best IoU`` on the boxes
 at the training size (at most 20,000 of them, a seeded sample). The sizes stay a doubling ladder, as the
 FPN's defaults are (each level keeps the objects of its scale; free sizes crowd every level, the coarse
-ones too, onto the few sizes the data holds, and trained worse on the small-object study): the best
+ones too, onto the few sizes the data holds, for no more coverage; docs/analysis.md): the best
 ladder ``s * 2^level`` with ``s`` on a 2^(1/8) grid, then each size refined within 2^(+-1/4) of its rung,
 and the ratios (1/8-8) by coordinate ascent, in rounds until nothing improves. Deterministic: every DDP rank finds the same anchors.
 """
