@@ -82,8 +82,9 @@ def _coerce(value: Any, action: argparse.Action, path, key: str) -> Any:
     return out
 
 
-def resolved_config(args: argparse.Namespace, skip: Sequence[str] = ("config_sources",)) -> Dict[str, Any]:
-    """The run's full configuration (every option's final value) as plain YAML-safe types."""
+def resolved_config(args: argparse.Namespace, skip: Sequence[str] = ("config_sources", "config")) -> Dict[str, Any]:
+    """The run's full configuration (every option's final value) as plain YAML-safe types. The ``--config`` path
+    itself is left out: its values are in the result, and the result must be usable as ``--config`` again."""
     out: Dict[str, Any] = {}
     for k, v in vars(args).items():
         if k in skip or callable(v):

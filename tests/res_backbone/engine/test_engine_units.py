@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from res_backbone.engine import checkpoint as ck
-from res_backbone.engine.config import ConfigError, parse_with_config
+from res_backbone.engine.config import ConfigError, dump_yaml, parse_with_config, resolved_config
 from res_backbone.engine.logger import RunLogger
 from res_backbone.engine.optim import build_optimizer, can_fuse, lr_factor, param_groups, set_lr
 
@@ -85,6 +85,16 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path):
     args = parse_with_config(_parser(), ["--config", str(cfg), "--batch-size", "2"])
     assert (args.batch_size, args.amp, args.milestones, args.channels_last) == (2, "bf16", [0.6, 0.9], True)
     assert args.config_sources["amp"] == str(cfg)
+
+
+def test_a_runs_config_yaml_is_a_valid_config(tmp_path):
+    """config.yaml written by a run (resolved_config) goes back in as --config and gives the same options."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: 16\n")
+    first = parse_with_config(_parser(), ["--config", str(cfg), "--amp", "bf16"])
+    dump_yaml(resolved_config(first), tmp_path / "config.yaml")
+    again = parse_with_config(_parser(), ["--config", str(tmp_path / "config.yaml")])
+    assert resolved_config(again) == resolved_config(first) and "config" not in resolved_config(first)
 
 
 @pytest.mark.parametrize("text,match", [
