@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rendered-checkpoint", default=None, help="reuse this rendered-source checkpoint (skip its training)")
     c.add_argument("--render-canvases", type=int, default=3000,
                    help="canvases of train items rendered for the rendered source (~2.5 crops each; default 3000)")
-    c.add_argument("--render-iters", type=int, default=400, help="rendered-source iterations (default 400)")
+    c.add_argument("--render-iters", type=int, default=800, help="rendered-source iterations (default 800)")
     c.add_argument("--render-batch", type=int, default=32, help="rendered-source batch (default 32)")
     c.add_argument("--probe-train", type=int, default=400,
                    help="target train canvases whose true-box crops fit the probes (default 400)")
@@ -132,16 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "fmnist_finetune_all, rendered_finetune_all, rendered_frozen_bn")
     c.add_argument("--curve-det-n", default="50,200,2000", help="detection training sizes N (canvases; default 50,200,2000)")
     c.add_argument("--curve-loc-n", default="50,200,2000", help="localization training sizes N (images; default 50,200,2000)")
+    c.add_argument("--jobs", type=int, default=2,
+                   help="runs side by side, each in its own process of --threads torch threads (default 2: the two "
+                        "pre-training sources, then the curve's runs, two at a time on a 2-core CPU; 1 = one at a time "
+                        "in this process)")
     c.add_argument("--curve-seeds", type=int, default=2, help="seeds per arm and N (default 2)")
-    c.add_argument("--curve-iters", type=int, default=100, help="iterations of every run, any arm or N (default 100)")
-    c.add_argument("--curve-det-iters", type=int, default=None, help="detection iterations per run (default --curve-iters)")
-    c.add_argument("--curve-loc-iters", type=int, default=None,
-                   help="localization iterations per run (default --curve-iters)")
+    c.add_argument("--curve-iters", type=int, default=None,
+                   help="iterations of every run of both tasks (overrides the two below)")
+    c.add_argument("--curve-det-iters", type=int, default=300,
+                   help="detection iterations per run, the same for every arm and N (default 300)")
+    c.add_argument("--curve-loc-iters", type=int, default=160,
+                   help="localization iterations per run, the same for every arm and N (default 160)")
     c.add_argument("--curve-det-batch", type=int, default=4, help="detection images per iteration (default 4)")
     c.add_argument("--curve-loc-batch", type=int, default=16, help="localization images per iteration (default 16)")
-    c.add_argument("--det-lrs", default="0.01,0.02", help="detection SGD learning rates swept per arm at --sweep-n "
-                                                          "(one value: no sweep; default 0.01,0.02)")
-    c.add_argument("--loc-lrs", default="0.002", help="localization AdamW learning rates swept likewise (default 0.002)")
+    c.add_argument("--det-lrs", default="0.02,0.04", help="detection SGD learning rates swept per arm at --sweep-n "
+                                                          "(one value: no sweep; default 0.02,0.04)")
+    c.add_argument("--loc-lrs", default="0.0005,0.002",
+                   help="localization AdamW learning rates swept likewise (default 0.0005,0.002)")
     c.add_argument("--sweep-n", type=int, default=200, help="the N at which learning rates are swept (default 200)")
     return p
 
@@ -186,7 +193,8 @@ def curve_main(args, parser) -> int:
     if args.smoke:
         args.quick = True
         apply_curve_smoke(args)
-    if args.curve_seeds < 1 or args.curve_iters < 1 or not all(args.curve_n.values()) or not args.det_lrs \
+    iters = [args.curve_iters] if args.curve_iters is not None else [args.curve_det_iters, args.curve_loc_iters]
+    if args.curve_seeds < 1 or min(iters) < 1 or not all(args.curve_n.values()) or not args.det_lrs \
             or not args.loc_lrs:
         parser.error("need --curve-seeds >= 1, --curve-iters >= 1, at least one N and one learning rate per task")
     torch.set_num_threads(args.threads)

@@ -123,3 +123,13 @@ def test_crossings_where_scratch_catches_up():
     assert summ["scratch"][50] == {"mean": pytest.approx(0.105), "min": 0.1, "max": pytest.approx(0.11), "n": 2}
     c = crossings(summ, "det")["pre"]
     assert c["meets_scratch_at"] == 2000 and c["gap"][50] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_runner_yields_every_result_with_its_index(jobs):
+    from studies.transfer_curve import Runner
+
+    calls = [(math.factorial, n) for n in (5, 3, 7, 1)]
+    with Runner(jobs) as runner:
+        got = dict(runner.map(calls))
+    assert got == {0: 120, 1: 6, 2: 5040, 3: 1}

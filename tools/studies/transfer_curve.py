@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 
 log = logging.getLogger("transfer_study")
 
-__all__ = ["CurveArm", "SOURCES", "apply_curve_smoke", "curve_arms", "crossings", "curve_markdown", "plot_curve",
+__all__ = ["CurveArm", "Runner", "SOURCES", "apply_curve_smoke", "curve_arms", "crossings", "curve_markdown", "plot_curve",
            "pretrain_rendered", "probe", "probe_accuracies", "run_curve", "run_curve_study", "summarise"]
 
 SOURCES = ("fmnist", "rendered")
@@ -207,6 +208,16 @@ def _det_run(args, paths: dict, arm: CurveArm, ckpt: Optional[str], lr: float, s
     return _train(args, model, data, optimizer, lr, evaluate, _iters(args, "det"))
 
 
+def _loc_cfg(args, n: int, lr: float, seed: int):
+    from heads.localization import train as loc_run
+
+    return loc_run.LocTrainConfig(
+        output=str(Path(args.work_dir) / "curve_loc"), data_dir=str(Path(args.data_dir) / "loc"),
+        fmnist_root=args.fmnist_root, fmnist_train=n, fmnist_val=args.loc_val, canvas=args.loc_canvas,
+        item_scale=(28.0, 56.0) if args.loc_canvas >= 56 else (16.0, float(args.loc_canvas) * 0.8),
+        batch_size=args.curve_loc_batch, lr=lr, amp=args.amp, channels_last=True, seed=seed, progress=False)
+
+
 def _loc_run(args, n: int, arm: CurveArm, ckpt: Optional[str], lr: float, seed: int) -> dict:
     from heads.localization import build_localizer, localization_loss
     from heads.localization import train as loc_run
@@ -215,12 +226,7 @@ def _loc_run(args, n: int, arm: CurveArm, ckpt: Optional[str], lr: float, seed: 
     from res_backbone import transfer
     from res_backbone.engine.optim import build_optimizer
 
-    cfg = loc_run.LocTrainConfig(
-        output=str(Path(args.work_dir) / "curve_loc"), data_dir=str(Path(args.data_dir) / "loc"),
-        fmnist_root=args.fmnist_root, fmnist_train=n, fmnist_val=args.loc_val, canvas=args.loc_canvas,
-        item_scale=(28.0, 56.0) if args.loc_canvas >= 56 else (16.0, float(args.loc_canvas) * 0.8),
-        batch_size=args.curve_loc_batch, lr=lr, amp=args.amp, channels_last=True, seed=seed, progress=False)
-    cfg.seed = args.seed  # the data (rendering) seed stays fixed; ``seed`` drives order and init below
+    cfg = _loc_cfg(args, n, lr, args.seed)  # the data (rendering) seed stays fixed; ``seed`` drives order and init
     train_set, val_set = loc_run.load_datasets(cfg)
     cfg.seed = seed
     policy, norm, norm_eval = transfer.resolve_bn_policy(arm.bn_policy, None, pretrained=ckpt is not None,
@@ -242,8 +248,8 @@ def _loc_run(args, n: int, arm: CurveArm, ckpt: Optional[str], lr: float, seed: 
 
 
 def _iters(args, task: str) -> int:
-    """The task's iterations per run: ``--curve-det-iters`` / ``--curve-loc-iters``, else ``--curve-iters``."""
-    return getattr(args, f"curve_{task}_iters", None) or args.curve_iters
+    """The task's iterations per run: ``--curve-iters`` when given, else ``--curve-det-iters`` / ``--curve-loc-iters``."""
+    return args.curve_iters or getattr(args, f"curve_{task}_iters")
 
 
 def _train(args, runner, data, optimizer, lr: float, evaluate, iters: int) -> dict:
@@ -279,46 +285,141 @@ def _one(args, task: str, arm: CurveArm, n: int, seed: int, lr: float, sources: 
         res = _det_run(args, _det_paths(args, n), arm, ckpt, lr, seed)
     else:
         res = _loc_run(args, n, arm, ckpt, lr, seed)
-    rec = {"task": task, "arm": arm.name, "label": arm.label, "source": arm.source, "bn_policy": arm.bn_policy,
-           "N": n, "seed": seed, "lr": lr, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()},
-           "wall_s": round(time.perf_counter() - t0, 1)}
-    log.info("%s %s N=%d seed=%d lr=%g: %s", task, arm.name, n, seed, lr,
-             ", ".join(f"{k} {rec[k]:.3f}" for k in METRICS[task][:2]))
-    return rec
+    return {"task": task, "arm": arm.name, "label": arm.label, "source": arm.source, "bn_policy": arm.bn_policy,
+            "N": n, "seed": seed, "lr": lr, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()},
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _in_worker(threads: int, fn, *a):
+    """Run ``fn(*a)`` in a pool process with ``threads`` torch threads (and logging to stderr)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [worker %(process)d] %(message)s",
+                            datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+    return fn(*a)
+
+
+class Runner:
+    """Runs independent calls one after another (``jobs`` 1) or in ``jobs`` spawned processes of
+    ``threads`` torch threads each: on the 2-core CPU, two one-thread runs side by side finish about
+    twice as many runs per hour as one run at a time (each run is too small to use two threads well)."""
+
+    def __init__(self, jobs: int = 1, threads: int = 1):
+        self.jobs, self.threads, self._pool = max(1, int(jobs)), threads, None
+
+    def __enter__(self) -> "Runner":
+        if self.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+
+    def map(self, calls: Sequence[tuple]):
+        """Yield ``(index, result)`` of each ``(fn, *args)`` in ``calls`` as it finishes."""
+        if self._pool is None:
+            for i, (fn, *a) in enumerate(calls):
+                yield i, fn(*a)
+            return
+        from concurrent.futures import as_completed
+
+        futures = {self._pool.submit(_in_worker, self.threads, fn, *a): i for i, (fn, *a) in enumerate(calls)}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
+
+
+def _prepare(args, task: str, n: int) -> None:
+    """Render the data set of (task, N) once, before runs that read it start side by side."""
+    if task == "det":
+        _det_paths(args, n)
+    else:
+        from heads.localization import train as loc_run
+
+        loc_run.resolve_data_paths(_loc_cfg(args, n, 0.0, args.seed))
 
 
 def _better(task: str, a: float, b: float) -> bool:
     return a > b if HIGHER_BETTER[task] else a < b
 
 
-def run_curve(args, task: str, sources: Mapping[str, dict], out: Optional[dict] = None, on_record=None) -> dict:
-    """The sweep (each arm's learning rate at ``--sweep-n``, first seed) then every (arm, N, seed) run;
-    fills ``out`` (``sweep``, ``best_lr``, ``records``) as runs finish and calls ``on_record()`` after each."""
-    arms = [a for a in curve_arms(args.curve_arms) if a.source is None or a.source in sources]
-    lrs = args.det_lrs if task == "det" else args.loc_lrs
-    metric = _MAIN[task]
+def scratch_sweep(args, tasks: Sequence[str]) -> List[tuple]:
+    """The from-scratch arm's sweep runs ``(task, arm, N, seed, lr)``: they need no pre-trained source,
+    so :func:`run_curve_study` runs them beside the pre-training."""
+    if "scratch" not in args.curve_arms:
+        return []
+    lrs = {t: args.det_lrs if t == "det" else args.loc_lrs for t in tasks}
+    return [(t, curve_arms(["scratch"])[0], args.sweep_n, args.seed, lr) for t in tasks if len(lrs[t]) > 1
+            for lr in lrs[t]]
+
+
+def _log_record(rec: Mapping) -> None:
+    log.info("%s %s N=%d seed=%d lr=%g: %s (%.0f s)", rec["task"], rec["arm"], rec["N"], rec["seed"], rec["lr"],
+             ", ".join(f"{k} {rec[k]:.3f}" for k in METRICS[rec["task"]][:2]), rec["wall_s"])
+
+
+def run_curve(args, tasks: Sequence[str], sources: Mapping[str, dict], out: Optional[dict] = None, on_record=None,
+              runner: Optional[Runner] = None, done: Optional[Mapping[tuple, dict]] = None) -> dict:
+    """For every task: the sweep (each arm's learning rate at ``--sweep-n``, first seed), then every
+    (arm, N, seed) run at the arm's best rate. Fills ``out[task]`` (``sweep``, ``best_lr``, ``records``,
+    in a fixed order whatever order runs finish in) and calls ``on_record()`` after each run. The
+    sweeps of all tasks run first, then all other runs, through ``runner`` (sequential by default).
+    ``done`` maps ``(task, arm, N, seed, lr)`` to records of runs made already (:func:`scratch_sweep`)."""
+    runner, done = runner or Runner(), done or {}
     out = out if out is not None else {}
-    out.update(sweep=[], best_lr={}, records=[])
-    sweep, best = out["sweep"], out["best_lr"]
-    for arm in arms:
-        if len(lrs) == 1:
-            best[arm.name] = lrs[0]
-            continue
-        for lr in lrs:
-            sweep.append(_one(args, task, arm, args.sweep_n, args.seed, lr, sources))
+    arms = [a for a in curve_arms(args.curve_arms) if a.source is None or a.source in sources]
+    for task in tasks:
+        out[task] = {"sweep": [], "best_lr": {}, "records": []}
+        for n in sorted(set(args.curve_n[task]) | {args.sweep_n}):
+            _prepare(args, task, n)
+
+    def execute(specs: List[tuple], slots: Dict[str, list], key: str) -> None:
+        """Run ``specs`` ``(task, arm, N, seed, lr)`` (those in ``done`` ran already); the k-th run of a
+        task fills its k-th empty slot."""
+        free = {t: [i for i, r in enumerate(slots[t]) if r is None] for t in tasks}
+        place, taken, todo = [], {t: 0 for t in tasks}, []
+        for i, (t, arm, n, seed, lr) in enumerate(specs):
+            place.append(free[t][taken[t]])
+            taken[t] += 1
+            if (t, arm.name, n, seed, lr) in done:
+                slots[t][place[i]] = dict(done[(t, arm.name, n, seed, lr)])
+            else:
+                todo.append(i)
+        for t in tasks:
+            out[t][key] = [r for r in slots[t] if r is not None]
+        for j, rec in runner.map([(_one, args, *specs[i][:4], specs[i][4], sources) for i in todo]):
+            _log_record(rec)
+            t = specs[todo[j]][0]
+            slots[t][place[todo[j]]] = rec
+            out[t][key] = [r for r in slots[t] if r is not None]
             if on_record:
                 on_record()
-        mine = [r for r in sweep if r["arm"] == arm.name]
-        best[arm.name] = min(mine, key=lambda r: -r[metric] if HIGHER_BETTER[task] else r[metric])["lr"]
-    for n in args.curve_n[task]:
+
+    lrs = {t: args.det_lrs if t == "det" else args.loc_lrs for t in tasks}
+    sweep = [(t, a, args.sweep_n, args.seed, lr) for t in tasks if len(lrs[t]) > 1 for a in arms for lr in lrs[t]]
+    execute(sweep, {t: [None] * sum(s[0] == t for s in sweep) for t in tasks}, "sweep")
+    slots: Dict[str, list] = {}
+    specs: List[tuple] = []
+    for t in tasks:
+        best = out[t]["best_lr"]
         for arm in arms:
-            for s in range(args.curve_seeds):
-                seed = args.seed + s
-                hit = [r for r in sweep if r["arm"] == arm.name and r["N"] == n and r["seed"] == seed
-                       and r["lr"] == best[arm.name]]  # the sweep's run at the chosen lr is this run
-                out["records"].append(dict(hit[0]) if hit else _one(args, task, arm, n, seed, best[arm.name], sources))
-                if on_record:
-                    on_record()
+            mine = [r for r in out[t]["sweep"] if r["arm"] == arm.name]
+            best[arm.name] = (min(mine, key=lambda r: -r[_MAIN[t]] if HIGHER_BETTER[t] else r[_MAIN[t]])["lr"]
+                              if mine else lrs[t][0])
+        slots[t] = []
+        for n in args.curve_n[t]:
+            for arm in arms:
+                for s in range(args.curve_seeds):
+                    seed = args.seed + s
+                    hit = [r for r in out[t]["sweep"] if r["arm"] == arm.name and r["N"] == n and r["seed"] == seed
+                           and r["lr"] == best[arm.name]]  # the sweep's run at the chosen lr is this run
+                    slots[t].append(dict(hit[0]) if hit else None)
+                    if not hit:
+                        specs.append((t, arm, n, seed, best[arm.name]))
+    execute(specs, slots, "records")
     return out
 
 
@@ -389,7 +490,7 @@ def curve_markdown(result: Mapping) -> str:
         lines.append("")
     t = result.get("timings") or {}
     if t:
-        lines += [f"Total {t.get('total_s', 0) / 60:.1f} min wall, {t.get('cpu_s', 0) / 60:.1f} min CPU (this process).", ""]
+        lines += [f"Total {t.get('total_s', 0) / 60:.1f} min wall, {t.get('cpu_s', 0) / 60:.1f} min CPU (this process and its workers).", ""]
     return "\n".join(lines)
 
 
@@ -442,48 +543,69 @@ def apply_curve_smoke(args) -> None:
     args.det_lrs, args.loc_lrs, args.sweep_n = [0.01], [0.001, 0.002], 8
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its finished (joined) worker processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_curve_study(args) -> dict:
     """Pre-training sources, probe, and (unless ``--probe-only``) the curves; writes the outputs as it goes."""
     from res_backbone.io import atomic_write_text
     from studies.transfer_study import machine_info, pretrain
 
     out, work = Path(args.output), Path(args.work_dir)
-    start, cpu0 = time.perf_counter(), time.process_time()
+    start, cpu0 = time.perf_counter(), _cpu_s()
     result = {"options": {k: v for k, v in vars(args).items()}, "machine": machine_info(), "timings": {}}
 
     def write() -> None:
         result["timings"].update(total_s=round(time.perf_counter() - start, 1),
-                                 cpu_s=round(time.process_time() - cpu0, 1))
+                                 cpu_s=round(_cpu_s() - cpu0, 1))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(result, indent=2) + "\n", out / "transfer_curve.json")
         atomic_write_text(curve_markdown(result) + "\n", out / "transfer_curve.md")
 
-    sources = {}
-    for name in args.sources:
+    with Runner(args.jobs, args.threads) as runner:
+        sources, todo = {}, []
+        for name in args.sources:
+            if name == "fmnist" and not args.cls_checkpoint:
+                todo.append((name, (pretrain, args, work)))
+            elif name == "fmnist":
+                sources[name] = pretrain(args, work)
+            elif args.rendered_checkpoint:
+                ck = torch.load(args.rendered_checkpoint, map_location="cpu", weights_only=True)
+                sources[name] = {"checkpoint": str(args.rendered_checkpoint), "arch": ck.get("model_name"),
+                                 "iters": ck.get("iter"), "top1_err": (ck.get("metrics") or {}).get("top1_err"),
+                                 "reused": True}
+            else:
+                todo.append((name, (pretrain_rendered, args, work)))
+        early = [] if args.probe_only else scratch_sweep(args, args.tasks)
+        for task in sorted({e[0] for e in early}):
+            _prepare(args, task, args.sweep_n)
+        done = {}
         t = time.perf_counter()
-        if name == "fmnist":
-            sources[name] = pretrain(args, work)
-        elif args.rendered_checkpoint:
-            ck = torch.load(args.rendered_checkpoint, map_location="cpu", weights_only=True)
-            sources[name] = {"checkpoint": str(args.rendered_checkpoint), "arch": ck.get("model_name"),
-                             "iters": ck.get("iter"), "top1_err": (ck.get("metrics") or {}).get("top1_err"),
-                             "reused": True}
-        else:
-            sources[name] = pretrain_rendered(args, work)
-        result["timings"][f"pretrain_{name}_s"] = round(time.perf_counter() - t, 1)
-        log.info("pre-training %s: %s", name, {k: sources[name].get(k) for k in ("iters", "top1_err")})
-    result["sources"] = sources
-    write()
-    result["probe"] = probe(args, sources)
-    write()
-    if args.probe_only:
-        return result
-    result["curve"] = {}
-    for task in args.tasks:
+        calls = [call for _, call in todo] + [(_one, args, *e, {}) for e in early]
+        for i, rec in runner.map(calls):  # the sources side by side, the scratch sweep in the gaps (--jobs 2)
+            if i < len(todo):
+                sources[todo[i][0]] = rec
+                log.info("pre-training %s: %s", todo[i][0], {k: rec.get(k) for k in ("iters", "top1_err")})
+            else:
+                _log_record(rec)
+                done[(rec["task"], rec["arm"], rec["N"], rec["seed"], rec["lr"])] = rec
+        result["timings"]["pretrain_phase_s"] = round(time.perf_counter() - t, 1)
+        result["sources"] = {k: sources[k] for k in args.sources}
+        write()
+        result["probe"] = probe(args, sources)
+        write()
+        if args.probe_only:
+            return result
+        result["curve"] = {}
         t = time.perf_counter()
-        result["curve"][task] = {}
-        run_curve(args, task, sources, out=result["curve"][task], on_record=write)
-        result["timings"][f"curve_{task}_s"] = round(time.perf_counter() - t, 1)
+        run_curve(args, args.tasks, sources, out=result["curve"], on_record=write, runner=runner, done=done)
+        result["timings"]["curve_s"] = round(time.perf_counter() - t, 1)
+        for task, cur in result["curve"].items():
+            runs = cur["sweep"] + [r for r in cur["records"] if r not in cur["sweep"]]
+            result["timings"][f"curve_{task}_run_s"] = round(sum(r["wall_s"] for r in runs), 1)
         write()
     plot_curve(result, out / "transfer_curve.png")
     write()
