@@ -133,3 +133,20 @@ def test_runner_yields_every_result_with_its_index(jobs):
     with Runner(jobs) as runner:
         got = dict(runner.map(calls))
     assert got == {0: 120, 1: 6, 2: 5040, 3: 1}
+
+
+def test_a_diverged_run_scores_worst_and_the_study_goes_on(monkeypatch):
+    from argparse import Namespace
+
+    from res_backbone.engine.optim_step import NonFiniteLossError
+    from studies import transfer_curve as tc
+
+    def explode(*a, **k):
+        raise NonFiniteLossError("iteration 3: 5 consecutive non-finite losses; stopping")
+
+    monkeypatch.setattr(tc, "_loc_run", explode)
+    rec = tc._one(Namespace(), "loc", tc.curve_arms(["scratch"])[0], 50, 0, 0.04, {})
+    assert rec["diverged"] == "iteration 3: 5 consecutive non-finite losses" and rec["iters"] is None
+    assert rec["top1_loc_err"] == 100.0 and rec["mean_iou"] == 0.0
+    md = tc.curve_markdown({"curve": {"loc": {"records": [rec], "sweep": [rec], "best_lr": {"scratch": 0.04}}}})
+    assert "scratch lr 0.04: diverged" in md and "Diverged (scored as the worst possible run): scratch N=50" in md

@@ -39,6 +39,8 @@ SOURCES = ("fmnist", "rendered")
 METRICS = {"det": ("AP", "AP50"), "loc": ("top1_loc_err", "top1_cls_err", "mean_iou")}
 HIGHER_BETTER = {"det": True, "loc": False}
 _MAIN = {"det": "AP", "loc": "top1_loc_err"}
+DIVERGED = {"det": {"AP": 0.0, "AP50": 0.0}, "loc": {"top1_loc_err": 100.0, "top1_cls_err": 100.0, "mean_iou": 0.0}}
+"""A run that stopped on non-finite losses scores as the worst possible run (and carries ``diverged``)."""
 
 
 @dataclass(frozen=True)
@@ -278,13 +280,19 @@ def _det_paths(args, n: int) -> dict:
 def _one(args, task: str, arm: CurveArm, n: int, seed: int, lr: float, sources: Mapping[str, dict]) -> dict:
     from res_backbone.engine.runner import seed_everything
 
+    from res_backbone.engine.optim_step import NonFiniteLossError
+
     seed_everything(seed)
     ckpt = sources[arm.source]["checkpoint"] if arm.source else None
     t0 = time.perf_counter()
-    if task == "det":
-        res = _det_run(args, _det_paths(args, n), arm, ckpt, lr, seed)
-    else:
-        res = _loc_run(args, n, arm, ckpt, lr, seed)
+    try:
+        if task == "det":
+            res = _det_run(args, _det_paths(args, n), arm, ckpt, lr, seed)
+        else:
+            res = _loc_run(args, n, arm, ckpt, lr, seed)
+    except NonFiniteLossError as e:  # a learning rate too high for this arm: the sweep's answer, not a crash
+        log.warning("%s %s N=%d seed=%d lr=%g diverged: %s", task, arm.name, n, seed, lr, e)
+        res = {**DIVERGED[task], "iters": None, "diverged": str(e).split(";")[0]}
     return {"task": task, "arm": arm.name, "label": arm.label, "source": arm.source, "bn_policy": arm.bn_policy,
             "N": n, "seed": seed, "lr": lr, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()},
             "wall_s": round(time.perf_counter() - t0, 1)}
@@ -472,7 +480,7 @@ def curve_markdown(result: Mapping) -> str:
         summ = summarise(cur["records"], task)
         ns = sorted({r["N"] for r in cur["records"]})
         digits = 3 if task == "det" else 1
-        its = sorted({r["iters"] for r in cur["records"]})
+        its = sorted({r["iters"] for r in cur["records"] if r["iters"] is not None})
         lines += [f"## {title}, mean over seeds (min-max), {'/'.join(map(str, its))} iterations per run",
                   "", "| arm | lr | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|---:|" + "---:|" * len(ns)]
         for arm, by_n in summ.items():
@@ -482,7 +490,14 @@ def curve_markdown(result: Mapping) -> str:
         lines.append("")
         if cur["sweep"]:
             lines.append(f"Learning rates: the best of {sorted({r['lr'] for r in cur['sweep']})} per arm at "
-                         f"N={cur['sweep'][0]['N']}, seed {cur['sweep'][0]['seed']}.")
+                         f"N={cur['sweep'][0]['N']}, seed {cur['sweep'][0]['seed']}: " + "; ".join(
+                             f"{r['arm']} lr {r['lr']:g}: " + ("diverged" if r.get("diverged") else
+                                                               f"{_f(r[_MAIN[task]], digits)}")
+                             for r in cur["sweep"]) + ".")
+        bad = [r for r in cur["records"] if r.get("diverged")]
+        if bad:
+            lines.append("Diverged (scored as the worst possible run): " + ", ".join(
+                f"{r['arm']} N={r['N']} seed {r['seed']}" for r in bad) + ".")
         for arm, c in crossings(summ, task).items():
             meet = f"meets scratch at N={c['meets_scratch_at']}" if c["meets_scratch_at"] else "above scratch at every N"
             gaps = ", ".join(f"N={n}: {g:+.{digits}f}" for n, g in sorted(c["gap"].items()))
@@ -519,7 +534,7 @@ def plot_curve(result: Mapping, path) -> str:
         ax.set_title("Detection" if task == "det" else "Localization")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    its = {t: sorted({r["iters"] for r in result["curve"][t]["records"]}) for t in tasks}
+    its = {t: sorted({r["iters"] for r in result["curve"][t]["records"] if r["iters"] is not None}) for t in tasks}
     fig.suptitle("Data efficiency, equal iterations for every arm and N: "
                  + ", ".join(f"{t} {'/'.join(map(str, v))}" for t, v in its.items()))
     fig.tight_layout()
