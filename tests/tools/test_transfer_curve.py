@@ -150,3 +150,24 @@ def test_a_diverged_run_scores_worst_and_the_study_goes_on(monkeypatch):
     assert rec["top1_loc_err"] == 100.0 and rec["mean_iou"] == 0.0
     md = tc.curve_markdown({"curve": {"loc": {"records": [rec], "sweep": [rec], "best_lr": {"scratch": 0.04}}}})
     assert "scratch lr 0.04: diverged" in md and "Diverged (scored as the worst possible run): scratch N=50" in md
+
+
+def test_sweep_halves_the_rate_of_an_arm_that_diverges_at_every_rate(monkeypatch):
+    from argparse import Namespace
+
+    from studies import transfer_curve as tc
+
+    def fake(args, task, arm, n, seed, lr, sources):
+        bad = arm.name == "rendered_frozen_bn" and lr > 0.006
+        return {"task": task, "arm": arm.name, "N": n, "seed": seed, "lr": lr, "AP": 0.0 if bad else 1 - lr,
+                "AP50": 0.0, "iters": None if bad else 5, "wall_s": 0.0, **({"diverged": "nan"} if bad else {})}
+
+    monkeypatch.setattr(tc, "_one", fake)
+    monkeypatch.setattr(tc, "_prepare", lambda *a: None)
+    args = Namespace(curve_arms=["scratch", "rendered_frozen_bn"], curve_n={"det": [50, 100]}, sweep_n=50, seed=0,
+                     curve_seeds=1, det_lrs=[0.02, 0.04], loc_lrs=[0.001])
+    out = tc.run_curve(args, ["det"], {"rendered": {}})["det"]
+    assert [r["lr"] for r in out["sweep"] if r["arm"] == "rendered_frozen_bn"] == [0.02, 0.04, 0.01, 0.005]
+    assert out["best_lr"] == {"scratch": 0.02, "rendered_frozen_bn": 0.005}
+    assert [(r["arm"], r["N"], r["lr"]) for r in out["records"]] == [
+        ("scratch", 50, 0.02), ("rendered_frozen_bn", 50, 0.005), ("scratch", 100, 0.02), ("rendered_frozen_bn", 100, 0.005)]

@@ -371,7 +371,8 @@ def _log_record(rec: Mapping) -> None:
 
 def run_curve(args, tasks: Sequence[str], sources: Mapping[str, dict], out: Optional[dict] = None, on_record=None,
               runner: Optional[Runner] = None, done: Optional[Mapping[tuple, dict]] = None) -> dict:
-    """For every task: the sweep (each arm's learning rate at ``--sweep-n``, first seed), then every
+    """For every task: the sweep (each arm's learning rate at ``--sweep-n``, first seed; an arm that
+    diverges at every rate tries half the lowest, up to three times), then every
     (arm, N, seed) run at the arm's best rate. Fills ``out[task]`` (``sweep``, ``best_lr``, ``records``,
     in a fixed order whatever order runs finish in) and calls ``on_record()`` after each run. The
     sweeps of all tasks run first, then all other runs, through ``runner`` (sequential by default).
@@ -409,6 +410,16 @@ def run_curve(args, tasks: Sequence[str], sources: Mapping[str, dict], out: Opti
     lrs = {t: args.det_lrs if t == "det" else args.loc_lrs for t in tasks}
     sweep = [(t, a, args.sweep_n, args.seed, lr) for t in tasks if len(lrs[t]) > 1 for a in arms for lr in lrs[t]]
     execute(sweep, {t: [None] * sum(s[0] == t for s in sweep) for t in tasks}, "sweep")
+    for _ in range(3):  # an arm that diverged at every rate tries half the lowest, down to 1/8 of it
+        more = []
+        for t in tasks:
+            for arm in arms:
+                mine = [r for r in out[t]["sweep"] if r["arm"] == arm.name]
+                if mine and all(r.get("diverged") for r in mine):
+                    more.append((t, arm, args.sweep_n, args.seed, min(r["lr"] for r in mine) / 2))
+        if not more:
+            break
+        execute(more, {t: out[t]["sweep"] + [None] * sum(m[0] == t for m in more) for t in tasks}, "sweep")
     slots: Dict[str, list] = {}
     specs: List[tuple] = []
     for t in tasks:
