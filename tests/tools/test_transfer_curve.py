@@ -171,3 +171,35 @@ def test_sweep_halves_the_rate_of_an_arm_that_diverges_at_every_rate(monkeypatch
     assert out["best_lr"] == {"scratch": 0.02, "rendered_frozen_bn": 0.005}
     assert [(r["arm"], r["N"], r["lr"]) for r in out["records"]] == [
         ("scratch", 50, 0.02), ("rendered_frozen_bn", 50, 0.005), ("scratch", 100, 0.02), ("rendered_frozen_bn", 100, 0.005)]
+
+
+def test_runner_workers_end_with_their_parent(tmp_path):
+    """A study killed with SIGTERM takes its pool processes with it (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    code = ("import os, sys, time; sys.path.insert(0, %r)\n"
+            "from studies.transfer_curve import Runner\n"
+            "if __name__ == '__main__':\n"
+            "    with Runner(1 + 1) as r:\n"
+            "        list(r.map([(time.sleep, 0.5), (time.sleep, 0.5)]))\n"
+            "        print(' '.join(str(v) for v in r._pool._processes), flush=True)\n"
+            "        r.map([(time.sleep, 60)]).__next__()\n") % str(ROOT / "tools")
+    script = tmp_path / "parent.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(v) for v in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"workers {alive} outlived their parent"

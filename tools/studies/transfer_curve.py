@@ -298,6 +298,24 @@ def _one(args, task: str, arm: CurveArm, n: int, seed: int, lr: float, sources: 
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def _worker_init(parent: int) -> None:
+    """A pool process ends with the study: on Linux, the kernel sends it SIGTERM when its parent dies
+    (a killed study would otherwise leave its workers training to the end of their runs); a parent that
+    died while this process was starting is caught by the pid check."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _in_worker(threads: int, fn, *a):
     """Run ``fn(*a)`` in a pool process with ``threads`` torch threads (and logging to stderr)."""
     if not logging.getLogger().handlers:
@@ -320,7 +338,8 @@ class Runner:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(os.getpid(),))
         return self
 
     def __exit__(self, *exc) -> None:
