@@ -278,9 +278,8 @@ def _det_paths(args, n: int) -> dict:
 
 
 def _one(args, task: str, arm: CurveArm, n: int, seed: int, lr: float, sources: Mapping[str, dict]) -> dict:
-    from res_backbone.engine.runner import seed_everything
-
     from res_backbone.engine.optim_step import NonFiniteLossError
+    from res_backbone.engine.runner import seed_everything
 
     seed_everything(seed)
     ckpt = sources[arm.source]["checkpoint"] if arm.source else None
@@ -378,9 +377,13 @@ def scratch_sweep(args, tasks: Sequence[str]) -> List[tuple]:
     so :func:`run_curve_study` runs them beside the pre-training."""
     if "scratch" not in args.curve_arms:
         return []
-    lrs = {t: args.det_lrs if t == "det" else args.loc_lrs for t in tasks}
-    return [(t, curve_arms(["scratch"])[0], args.sweep_n, args.seed, lr) for t in tasks if len(lrs[t]) > 1
-            for lr in lrs[t]]
+    return [(t, curve_arms(["scratch"])[0], args.sweep_n, args.seed, lr) for t in tasks if len(_lrs(args, t)) > 1
+            for lr in _lrs(args, t)]
+
+
+def _lrs(args, task: str) -> List[float]:
+    """The task's swept learning rates (``--det-lrs`` / ``--loc-lrs``)."""
+    return args.det_lrs if task == "det" else args.loc_lrs
 
 
 def _log_record(rec: Mapping) -> None:
@@ -418,7 +421,7 @@ def run_curve(args, tasks: Sequence[str], sources: Mapping[str, dict], out: Opti
                 todo.append(i)
         for t in tasks:
             out[t][key] = [r for r in slots[t] if r is not None]
-        for j, rec in runner.map([(_one, args, *specs[i][:4], specs[i][4], sources) for i in todo]):
+        for j, rec in runner.map([(_one, args, *specs[i], sources) for i in todo]):
             _log_record(rec)
             t = specs[todo[j]][0]
             slots[t][place[todo[j]]] = rec
@@ -426,7 +429,7 @@ def run_curve(args, tasks: Sequence[str], sources: Mapping[str, dict], out: Opti
             if on_record:
                 on_record()
 
-    lrs = {t: args.det_lrs if t == "det" else args.loc_lrs for t in tasks}
+    lrs = {t: _lrs(args, t) for t in tasks}
     sweep = [(t, a, args.sweep_n, args.seed, lr) for t in tasks if len(lrs[t]) > 1 for a in arms for lr in lrs[t]]
     execute(sweep, {t: [None] * sum(s[0] == t for s in sweep) for t in tasks}, "sweep")
     for _ in range(3):  # an arm that diverged at every rate tries half the lowest, down to 1/8 of it
